@@ -1,0 +1,1 @@
+"""Measurements of a model: FLOPs, active neurons, timing, memory (and later fidelity)."""

@@ -1,0 +1,105 @@
+"""Rendering of ccli's records: rich tables for people, JSON for machines."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from rich.console import Console
+from rich.table import Table
+
+
+def print_json(records) -> None:
+    """Only JSON goes to stdout with --json; progress and logs go to stderr."""
+    sys.stdout.write(json.dumps(records, indent=2) + "\n")
+
+
+def _si(value: float | None, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    for threshold, suffix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= threshold:
+            return f"{value / threshold:.2f} {suffix}{unit}"
+    return f"{value:.0f} {unit}".rstrip()
+
+
+def _ratio(value: float | None, base: float | None) -> str:
+    if value is None or not base:
+        return ""
+    return f" ({value / base:.2f}x)"
+
+
+def profile_tables(records: list[dict]) -> list[Table]:
+    """One side-by-side table (columns = models, ratios to the first) and one active-neuron table."""
+    first = records[0]
+    summary = Table(title="ccli profile", caption=first["flops_unit"])
+    summary.add_column("")
+    for rec in records:
+        summary.add_column(rec["model"] + (" (random init)" if rec["random_init"] else ""), justify="right")
+
+    def row(label: str, getter, unit: str = "", ratio: bool = True) -> None:
+        base = getter(first)
+        summary.add_row(label, *(_si(getter(r), unit) + (_ratio(getter(r), base) if ratio and r is not first else "") for r in records))
+
+    summary.add_row("family / layers / hidden", *(f"{r['family']} / {r['layers']} / {r['hidden']}" for r in records))
+    summary.add_row("input (batch x seq)", *(f"{r['batch']} x {r['seq']}" for r in records))
+    row("parameters", lambda r: r["params"]["total"])
+    for part in ("embeddings", "attention", "ffn", "other"):
+        row(f"  {part}", lambda r, part=part: r["params"][part])
+    row("weight bytes", lambda r: r["weight_bytes"], "B")
+    row("FLOPs / token", lambda r: r["flops_per_token"])
+    for part in first["flops_by_component"]:
+        row(f"  {part}", lambda r, part=part: r["flops_by_component"].get(part))
+    if "flops_per_token_torch" in first:
+        row("FLOPs / token (torch check)", lambda r: r.get("flops_per_token_torch"), ratio=False)
+    summary.add_row(
+        "active FFN neurons / token",
+        *(f"{_mean(r, 'computed'):.0f} computed, {_mean(r, 'positive'):.0f} positive" for r in records),
+    )
+
+    layers = Table(title="active FFN neurons per token (mean \\[min-max] over tokens)")
+    layers.add_column("layer", justify="right")
+    for rec in records:
+        layers.add_column(f"{rec['model']}: computed", justify="right")
+        layers.add_column("positive", justify="right")
+    for i in range(max(len(r["active_neurons"]) for r in records)):
+        cells = [str(i)]
+        for rec in records:
+            layer = rec["active_neurons"][i] if i < len(rec["active_neurons"]) else None
+            cells += [_span(layer, "computed"), _span(layer, "positive")] if layer else ["", ""]
+        layers.add_row(*cells)
+    return [summary, layers]
+
+
+def _mean(record: dict, key: str) -> float:
+    values = [layer[key] for layer in record["active_neurons"] if layer[key] is not None]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _span(layer: dict, key: str) -> str:
+    if layer[key] is None:
+        return "-"
+    lo, hi = layer[f"{key}_min"], layer[f"{key}_max"]
+    spread = "" if lo == hi else f" [{lo}-{hi}]"
+    return f"{layer[key]:.0f} / {layer['width']}{spread}" if key == "computed" else f"{layer[key]:.0f}{spread}"
+
+
+def bench_table(rows: list[dict]) -> Table:
+    first = rows[0]
+    table = Table(
+        title=f"ccli bench - {first['device']}, batch {first['batch']}, seq {first['seq']}, {first['threads']} thread(s)",
+        caption="end-to-end forward pass; speedup against the model's dense row",
+    )
+    for name in ("model", "variant", "median ms", "IQR ms", "p90 ms", "tokens/s", "peak MB", "speedup"):
+        table.add_column(name, justify="left" if name in ("model", "variant") else "right")
+    for r in rows:
+        table.add_row(
+            r["model"], r["variant"], f"{r['median_ms']:.2f}", f"{r['iqr_ms']:.2f}", f"{r['p90_ms']:.2f}",
+            f"{r['tokens_per_s']:.0f}", f"{r['peak_mem_mb']:.0f}", f"{r['speedup']:.2f}x",
+        )
+    return table
+
+
+def render(console: Console, tables) -> None:
+    for table in tables:
+        console.print(table)

@@ -1,0 +1,36 @@
+import torch
+
+from ccli.arch import view
+from ccli.hub import Loaded
+from ccli.measure.neurons import active_neurons
+from ccli.measure.timing import time_call
+from tiny import WIDTH, tiny
+
+
+def test_positive_neurons_match_a_direct_count_and_skip_padding():
+    model = tiny("bert")
+    ids = torch.randint(3, 100, (2, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0  # two padding tokens
+    captured = {}
+    act = model.encoder.layer[0].intermediate
+
+    def hook(module, args, output):
+        captured["h"] = output
+
+    handle = act.register_forward_hook(hook)
+    rows = active_neurons(view(model), {"input_ids": ids, "attention_mask": mask})
+    handle.remove()
+    positive = (captured["h"] > 0).sum(-1)[mask.bool()].float()
+    assert rows[0]["computed"] == WIDTH
+    assert abs(rows[0]["positive"] - positive.mean().item()) < 0.01
+    assert rows[0]["positive_min"] == positive.min().item()
+    assert rows[0]["positive_max"] == positive.max().item()
+
+
+def test_timing_reports_ordered_statistics():
+    a = torch.randn(64, 64)
+    timing = time_call(lambda: a @ a, threads=1, warmup=1, min_run_time=0.05)
+    assert timing.runs > 0
+    assert 0 < timing.median_ms <= timing.p90_ms
+    assert timing.iqr_ms >= 0 and timing.peak_mem_mb > 0
