@@ -33,7 +33,21 @@ def bench(*args, **kwargs):
     return _bench(*args, **kwargs)
 
 
+def convert(*args, **kwargs):
+    from .conversion import convert as _convert
+
+    return _convert(*args, **kwargs)
+
+
+def evaluate(*args, **kwargs):
+    from .conversion import evaluate as _evaluate
+
+    return _evaluate(*args, **kwargs)
+
+
+convert.__doc__ = "Convert a model's FFNs into a conditional-compute variant by distillation (see ccli.conversion.convert)."
+evaluate.__doc__ = "Fidelity of a converted model directory to its base model (see ccli.conversion.evaluate)."
 profile.__doc__ = "Parameters, FLOPs per token by component and active neurons per token (see ccli.api.profile)."
 bench.__doc__ = "End-to-end latency, tokens/s and peak memory against int8 and the FFN-removed floor (see ccli.api.bench)."
 
-__all__ = ["CcliError", "load", "profile", "bench", "__version__"]
+__all__ = ["CcliError", "load", "profile", "bench", "convert", "evaluate", "__version__"]

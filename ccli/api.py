@@ -137,6 +137,39 @@ def _check_device(device: str) -> None:
         raise CcliError(f"--device cuda: no CUDA GPU is visible to torch {torch.__version__} ({build}); use --device cpu")
 
 
+def describe_conversion(manifest: dict) -> str:
+    return " + ".join(f"{s['to']} " + " ".join(f"{k}={v}" for k, v in s.items() if k != "to") for s in manifest.get("convert", []))
+
+
+def _time_forward(model, inputs, device, threads, min_run_time):
+    model = model.to(device)
+    device_inputs = {k: v.to(device) for k, v in inputs.items()}
+
+    def forward():
+        with torch.inference_mode():
+            model(**device_inputs)
+
+    return time_call(forward, device=device, threads=threads, min_run_time=min_run_time)
+
+
+def _bench_row(loaded, variant, device, batch, seq, threads, timing) -> dict:
+    return {
+        "model": loaded.name,
+        "variant": variant,
+        "device": device,
+        "batch": batch,
+        "seq": seq,
+        "threads": threads,
+        "median_ms": round(timing.median_ms, 3),
+        "iqr_ms": round(timing.iqr_ms, 3),
+        "p90_ms": round(timing.p90_ms, 3),
+        "runs": timing.runs,
+        "tokens_per_s": round(batch * seq / (timing.median_ms / 1e3), 1),
+        "peak_mem_mb": timing.peak_mem_mb,
+        "random_init": loaded.random_init,
+    }
+
+
 def bench(
     models: ModelRef | Iterable[ModelRef] = None,
     *,
@@ -158,41 +191,100 @@ def bench(
     for ref in _refs(models):
         loaded = _as_loaded(ref, random_init)
         view(loaded.model)  # fail early on unsupported families
-        inputs = build_inputs(loaded, batch=batch, seq=seq)
-        variants = [("dense", lambda m: m)]
+        # A converted model is timed beside its base model, whose dense, int8 and floor rows are the references.
+        base = load(loaded.manifest["base_source"]) if loaded.manifest else loaded
+        inputs = build_inputs(base if loaded.manifest else loaded, batch=batch, seq=seq)
+        variants = [("dense", base.model)]
+        if loaded.manifest:
+            variants.append((describe_conversion(loaded.manifest), loaded.model))
         if with_baselines:
-            variants += [(name, lambda m, name=name: baselines.build(name, m)) for name in baselines.BASELINES]
-        dense_ms = None
-        for variant, make in variants:
-            if variant == "int8-dynamic" and device != "cpu":
-                continue  # torch's dynamic quantization has CPU kernels only
-            model = make(loaded.model).to(device)
-            device_inputs = {k: v.to(device) for k, v in inputs.items()}
-
-            def forward(model=model, device_inputs=device_inputs):
-                with torch.inference_mode():
-                    model(**device_inputs)
-
-            timing = time_call(forward, device=device, threads=threads, min_run_time=min_run_time)
-            dense_ms = dense_ms or timing.median_ms
-            rows.append({
-                "model": loaded.name,
-                "variant": variant,
-                "device": device,
-                "batch": batch,
-                "seq": seq,
-                "threads": threads,
-                "median_ms": round(timing.median_ms, 3),
-                "iqr_ms": round(timing.iqr_ms, 3),
-                "p90_ms": round(timing.p90_ms, 3),
-                "runs": timing.runs,
-                "tokens_per_s": round(batch * seq / (timing.median_ms / 1e3), 1),
-                "peak_mem_mb": timing.peak_mem_mb,
-                "speedup": round(dense_ms / timing.median_ms, 3),
-                "random_init": loaded.random_init,
-            })
-            if model is not loaded.model:
+            variants += [(name, name) for name in baselines.BASELINES if name != "int8-dynamic" or device == "cpu"]
+        model_rows = []
+        for variant, source in variants:
+            model = baselines.build(source, base.model) if isinstance(source, str) else source
+            timing = _time_forward(model, inputs, device, threads, min_run_time)
+            model_rows.append(_bench_row(loaded, variant, device, batch, seq, threads, timing))
+            if isinstance(source, str):
                 del model
                 gc.collect()
+        dense_ms = model_rows[0]["median_ms"]
+        for row in model_rows:
+            row["speedup"] = round(dense_ms / row["median_ms"], 3)
+        rows += model_rows
         loaded.model.to("cpu")
+        base.model.to("cpu")
+    return rows
+
+
+def bench_layer(
+    source: ModelRef = None,
+    *,
+    hidden: int = 768,
+    width: int = 3072,
+    trees: int = 1,
+    depth: int = 11,
+    leaf_width: int = 1,
+    tokens: Iterable[int] = (1, 128, 1024),
+    device: str = "cpu",
+    threads: int | None = None,
+    min_run_time: float = 1.0,
+) -> list[dict]:
+    """One FFF layer on every kernel that runs on `device`, against the dense FFN of the same shape.
+
+    With `source` (a converted model directory) its first FFF layer and its base model's dense FFN
+    of that block are timed; otherwise a random layer of the given shape (the default is
+    UltraFastBERT's 1x11 tree at BERT-base's hidden 768 / width 3072). Timings do not depend on
+    weight values: every token visits the same number of neurons whatever its route."""
+    from torch import nn
+
+    from .kernels.fff import available_backends, use_backend
+    from .variants.fff import FFF
+
+    _check_device(device)
+    threads = threads or torch.get_num_threads()
+    if source is not None:
+        loaded = _as_loaded(source, False)
+        found = [(i, b.ffn.replaced) for i, b in enumerate(view(loaded.model).blocks) if isinstance(b.ffn.replaced, FFF)]
+        if not found:
+            raise CcliError(f"'{loaded.name}' has no FFF layer to time; give a directory written by ccli convert --to fff")
+        index, layer = found[0]
+        base = load(loaded.manifest["base_source"])
+        ffn = view(base.model).blocks[index].ffn
+        dense = nn.Sequential(ffn.inputs[0], ffn.act, ffn.output)
+        hidden, width = layer.hidden_size, ffn.width
+        name = f"{loaded.name} layer {index}"
+    else:
+        if min(hidden, width, trees, leaf_width) < 1 or depth < 0:
+            raise CcliError("--hidden, --width, --trees and --leaf-width must be >= 1 and --depth >= 0")
+        torch.manual_seed(0)
+        layer = FFF(hidden, trees, depth, leaf_width)
+        dense = nn.Sequential(nn.Linear(hidden, width), nn.GELU(), nn.Linear(width, hidden))
+        name = f"random fff trees={trees} depth={depth} leaf_width={leaf_width}"
+    layer, dense = layer.eval().to(device), dense.eval().to(device)
+    token_counts = list(tokens)
+    if not token_counts or min(token_counts) < 1:
+        raise CcliError("--tokens must be positive integers")
+    rows = []
+    for n in token_counts:
+        x = torch.randn(n, hidden, device=device)
+        timings = [("dense", None, dense)] + [(f"fff-{b}", b, layer) for b in available_backends(device)]
+        dense_ms = None
+        for kernel, backend, module in timings:
+            def forward(module=module):
+                with torch.inference_mode():
+                    module(x)
+
+            if backend is None:
+                timing = time_call(forward, device=device, threads=threads, min_run_time=min_run_time)
+            else:
+                with use_backend(backend):
+                    timing = time_call(forward, device=device, threads=threads, min_run_time=min_run_time)
+            dense_ms = dense_ms or timing.median_ms
+            neurons = width if backend is None else layer.width
+            rows.append({
+                "layer": name, "kernel": kernel, "device": device, "tokens": n, "threads": threads,
+                "hidden": hidden, "neurons_per_token": neurons, "flops_per_token": 2 * 2 * hidden * neurons,
+                "median_ms": round(timing.median_ms, 4), "iqr_ms": round(timing.iqr_ms, 4),
+                "p90_ms": round(timing.p90_ms, 4), "speedup": round(dense_ms / timing.median_ms, 2),
+            })
     return rows

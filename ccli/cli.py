@@ -85,11 +85,30 @@ def bench(
     min_time: float = typer.Option(2.0, "--min-time", min=0.05, help="Seconds of timed runs per row."),
     no_baselines: bool = typer.Option(False, "--no-baselines", help="Skip the int8 and FFN-removed reference rows."),
     random_init: bool = RandomInitOpt,
+    layer: bool = typer.Option(False, "--layer", help="Time one FFF layer on each kernel against the dense FFN instead."),
+    hidden: int = typer.Option(768, "--hidden", help="--layer without a model: hidden size."),
+    width: int = typer.Option(3072, "--width", help="--layer without a model: dense FFN width."),
+    trees: int = typer.Option(1, "--trees", help="--layer without a model: trees."),
+    depth: int = typer.Option(11, "--depth", help="--layer without a model: depth."),
+    leaf_width: int = typer.Option(1, "--leaf-width", help="--layer without a model: leaf width."),
+    tokens: str = typer.Option("1,128,1024", "--tokens", help="--layer: token counts, comma separated."),
     as_json: bool = JsonOpt,
 ):
     """End-to-end latency, tokens/s and peak memory, against int8 dynamic quantization and the FFN-removed floor."""
     from .api import bench as run_bench
+    from .api import bench_layer
 
+    if layer:
+        if models and len(models) > 1:
+            _run(lambda: (_ for _ in ()).throw(CcliError("--layer takes at most one converted model directory")))
+        counts = _run(lambda: _int_list(tokens, "--tokens"))
+        with _status("benchmarking one layer", as_json):
+            rows = _run(lambda: bench_layer(
+                models[0] if models else None, hidden=hidden, width=width, trees=trees, depth=depth,
+                leaf_width=leaf_width, tokens=counts, device=device, threads=threads, min_run_time=min_time,
+            ))
+        _emit(rows, as_json, "bench-layer")
+        return
     with _status("benchmarking", as_json):
         rows = _run(lambda: run_bench(
             models or [None], device=device, batch=batch, seq=seq, threads=threads,
@@ -98,19 +117,79 @@ def bench(
     _emit(rows, as_json, "bench")
 
 
+@app.command()
+def convert(
+    model: Optional[str] = typer.Argument(None, help="Model alias, local directory or Hub id (default: the embedded minilm)."),
+    to: Optional[str] = typer.Option(None, "--to", help="Variant family: fff."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="YAML recipe (explicit options override it)."),
+    trees: Optional[int] = typer.Option(None, "--trees", help="fff: parallel trees per layer (default 1)."),
+    depth: Optional[int] = typer.Option(None, "--depth", help="fff: tree depth (routing decisions per token)."),
+    leaf_width: Optional[int] = typer.Option(None, "--leaf-width", help="fff: neurons per leaf (1 = UltraFastBERT)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Layer-wise training steps per layer."),
+    e2e_steps: Optional[int] = typer.Option(None, "--e2e-steps", help="End-to-end training steps after the layers."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Layer-wise learning rate."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
+    tokens: Optional[int] = typer.Option(None, "--tokens", help="Calibration tokens per layer."),
+    data: Optional[str] = typer.Option(None, "--data", help="Training text: bundled, a .txt or .jsonl file, or hf:NAME."),
+    out: Optional[str] = typer.Option(None, "--out", "-o", help="Directory to save the converted model in."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted conversion into the same --out."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
+    as_json: bool = JsonOpt,
+):
+    """Convert a model's FFNs into a conditional-compute variant by distillation, and measure fidelity."""
+    from .conversion import convert as run_convert
+
+    params = {"trees": trees, "depth": depth, "leaf_width": leaf_width}
+    record = _run(lambda: run_convert(
+        model, to=to, params=params, recipe=recipe, data=data, out=out, resume=resume, overwrite=overwrite,
+        steps=steps, e2e_steps=e2e_steps, lr=lr, seed=seed, tokens=tokens,
+    ))
+    _emit([record], as_json, "convert")
+
+
+@app.command("eval")
+def evaluate(
+    directory: str = typer.Argument(..., help="A directory written by ccli convert --out."),
+    data: Optional[str] = typer.Option(None, "--data", help="Held-out text: bundled, a .txt or .jsonl file, or hf:NAME."),
+    as_json: bool = JsonOpt,
+):
+    """Fidelity of a converted model to its base model on held-out text."""
+    from .conversion import evaluate as run_eval
+
+    with _status("evaluating", as_json):
+        record = _run(lambda: run_eval(directory, data=data))
+    _emit([record], as_json, "eval")
+
+
 def _emit(records: list[dict], as_json: bool, kind: str) -> None:
     from . import report
 
     if as_json:
         report.print_json(records)
         return
-    tables = report.profile_tables(records) if kind == "profile" else [report.bench_table(records)]
+    tables = {
+        "profile": lambda: report.profile_tables(records),
+        "bench": lambda: [report.bench_table(records)],
+        "convert": lambda: report.convert_tables(records[0]),
+        "eval": lambda: report.fidelity_tables(records[0]),
+        "bench-layer": lambda: [report.layer_table(records)],
+    }[kind]()
     report.render(out, tables)
     notes = {r["note"] for r in records if r.get("note")}
     for note in notes:
         out.print(f"note: {note}", highlight=False)
     if kind == "bench" and any(r.get("random_init") for r in records):
         out.print("note: random weights: timings do not depend on weight values", highlight=False)
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise CcliError(f"{flag} takes comma-separated integers (got '{text}')") from None
+    if not values or min(values) < 1:
+        raise CcliError(f"{flag} takes positive integers (got '{text}')")
+    return values
 
 
 def _version(value: bool) -> None:

@@ -51,6 +51,7 @@ class Loaded:
     name: str  # what the user asked for
     source: str  # directory or Hub id the weights came from ("random-init" when none)
     random_init: bool = False
+    manifest: dict | None = None  # what ccli converted, when this is a converted checkpoint
 
 
 def embedded_model_dir() -> Path:
@@ -186,6 +187,10 @@ def load(
         return Loaded(model.eval(), tokenizer, name, "random-init", random_init=True)
 
     kind, location = resolve(name)
+    if kind == "dir" and (Path(location) / "ccli.json").is_file():
+        from .checkpoint import load_converted
+
+        return load_converted(location, name=name, attn_implementation=attn_implementation)
     config = _from_pretrained(AutoConfig.from_pretrained, location, name, kind)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

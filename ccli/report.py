@@ -100,6 +100,70 @@ def bench_table(rows: list[dict]) -> Table:
     return table
 
 
+def fidelity_tables(record: dict) -> list[Table]:
+    """Fidelity to the teacher on held-out text, and each converted layer's FFN error."""
+    fid = record["fidelity"]
+    table = Table(title=f"fidelity to the original on held-out text ({fid['paragraphs']} paragraphs)")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    rows = [
+        ("pooled-embedding cosine (mean)", f"{fid['embedding_cosine']:.4f}"),
+        ("pooled-embedding cosine (worst)", f"{fid['embedding_cosine_min']:.4f}"),
+        ("final hidden-state cosine (mean over tokens)", f"{fid['hidden_cosine']:.4f}"),
+        ("top-1 retrieval agreement with the original", f"{fid['retrieval_agreement']:.1%}"),
+        ("top-1 retrieval accuracy: original / converted",
+         f"{fid['retrieval_top1_teacher']:.1%} / {fid['retrieval_top1_student']:.1%}"),
+    ]
+    if "kl" in fid:
+        rows += [("next-token KL(original || converted)", f"{fid['kl']:.4f}"),
+                 ("perplexity: original / converted", f"{fid['perplexity_teacher']:.2f} / {fid['perplexity_student']:.2f}")]
+    for name, value in rows:
+        table.add_row(name, value)
+    layers = Table(title="per-layer FFN relative error (0 = exact, 1 = no better than the mean)")
+    layers.add_column("layer", justify="right")
+    layers.add_column("held-out", justify="right")
+    train = {r["layer"]: r for r in record.get("layers", [])}
+    if train:
+        layers.add_column("training: after init", justify="right")
+        layers.add_column("after distillation", justify="right")
+    for index, err in fid.get("ffn_rel_error", {}).items():
+        cells = [str(index), f"{err:.4f}"]
+        if train:
+            t = train.get(int(index))
+            cells += [f"{t['init_rel_error']:.4f}", f"{t['final_rel_error']:.4f}"] if t else ["", ""]
+        layers.add_row(*cells)
+    return [table, layers]
+
+
+def convert_tables(record: dict) -> list[Table]:
+    summary = Table(title=f"ccli convert {record['model']}")
+    summary.add_column("")
+    summary.add_column("", justify="right")
+    steps = " + ".join(f"{s['to']}(" + ", ".join(f"{k}={v}" for k, v in s.items() if k != "to") + ")" for s in record["convert"])
+    summary.add_row("conversion", steps)
+    summary.add_row("FFN FLOPs / token: dense -> converted",
+                    f"{_si(record['ffn_flops_per_token_dense'])} -> {_si(record['ffn_flops_per_token'])} "
+                    f"({record['ffn_flops_reduction']:.2f}x fewer)")
+    summary.add_row("training time", f"{record['seconds']:.0f} s")
+    if record.get("e2e_loss_first") is not None:
+        summary.add_row("end-to-end hidden-state error", f"{record['e2e_loss_first']:.4f} -> {record['e2e_loss_last']:.4f}")
+    if record.get("out"):
+        summary.add_row("saved to", record["out"])
+    return [summary] + (fidelity_tables(record) if record.get("fidelity") else [])
+
+
+def layer_table(rows: list[dict]) -> Table:
+    first = rows[0]
+    table = Table(title=f"ccli bench --layer: {first['layer']} (hidden {first['hidden']}), {first['device']}, {first['threads']} thread(s)",
+                  caption="speedup against the dense FFN at the same number of tokens")
+    for name in ("tokens", "kernel", "neurons/token", "median ms", "IQR ms", "p90 ms", "speedup"):
+        table.add_column(name, justify="left" if name == "kernel" else "right")
+    for r in rows:
+        table.add_row(str(r["tokens"]), r["kernel"], str(r["neurons_per_token"]), f"{r['median_ms']:.4f}",
+                      f"{r['iqr_ms']:.4f}", f"{r['p90_ms']:.4f}", f"{r['speedup']:.1f}x")
+    return table
+
+
 def render(console: Console, tables) -> None:
     for table in tables:
         console.print(table)

@@ -1,0 +1,123 @@
+"""Save and reload converted models.
+
+A converted model is saved as a directory: `model.safetensors` (every tensor of the model),
+`config.json` (the base model's transformers config), the tokenizer files, and `ccli.json`, the
+manifest of what was converted (per layer: variant and its shape), where the model came from and
+how it was trained and measured. `load_converted` rebuilds the base architecture from the config,
+puts empty variant layers where the manifest says, and loads the tensors: outputs are bit-identical
+to the model that was saved.
+
+Writes are atomic: everything goes to a temporary sibling directory that is renamed into place only
+when complete, so an interrupted save never leaves a half-written model or damages an old one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .arch import view
+from .errors import CcliError
+
+MANIFEST = "ccli.json"
+FORMAT = 1
+
+
+def save_converted(model, tokenizer, out: str | Path, manifest: dict, *, overwrite: bool = False) -> Path:
+    """Write `model` (with its converted layers), its tokenizer and `manifest` to `out` atomically."""
+    from safetensors.torch import save_file
+
+    out = Path(out).expanduser().resolve()
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise CcliError(f"--out {out} already exists and is not empty; choose another directory or pass --overwrite")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        state = _untie(state)
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt", "ccli": __version__})
+        model.config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        full = {"format": FORMAT, "ccli_version": __version__, **manifest}
+        (tmp / MANIFEST).write_text(json.dumps(full, indent=2) + "\n")
+        if out.exists():
+            old = out.with_name(f".{out.name}.old{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _untie(state: dict) -> dict:
+    """safetensors refuses tensors that share memory (tied embeddings): store each tensor separately."""
+    seen: dict[int, str] = {}
+    for key, value in state.items():
+        ptr = value.data_ptr()
+        if ptr in seen:
+            state[key] = value.clone()
+        else:
+            seen[ptr] = key
+    return state
+
+
+def read_manifest(directory: str | Path) -> dict:
+    path = Path(directory) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CcliError(f"cannot read the ccli manifest {path}: {exc}") from exc
+    if manifest.get("format") != FORMAT:
+        raise CcliError(f"{path} has manifest format {manifest.get('format')!r}; this ccli reads format {FORMAT}")
+    return manifest
+
+
+def build_layer(hidden_size: int, spec: dict) -> torch.nn.Module:
+    from .variants import FAMILIES
+
+    family = FAMILIES.get(spec.get("variant"))
+    if family is None:
+        raise CcliError(f"the manifest names an unknown variant {spec.get('variant')!r}; known: {', '.join(FAMILIES)}")
+    return family.skeleton(hidden_size, spec)
+
+
+def load_converted(directory: str | Path, *, name: str | None = None, attn_implementation: str | None = None):
+    """Rebuild a converted model saved by `save_converted`; returns a `hub.Loaded`."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoTokenizer
+
+    from .hub import Loaded, _model_class
+
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    config = AutoConfig.from_pretrained(directory)
+    extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = _model_class(config).from_config(config, **extra)
+    arch = view(model)
+    for index, spec in manifest.get("layers", {}).items():
+        block = arch.blocks[int(index)]
+        block.ffn.replace(build_layer(arch.hidden_size, spec))
+    try:
+        state = load_file(str(directory / "model.safetensors"))
+    except Exception as exc:
+        raise CcliError(f"cannot read {directory / 'model.safetensors'}: {exc}") from exc
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise CcliError(f"{directory} does not match its manifest: {len(missing)} missing and {len(unexpected)} unexpected tensors")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError):
+        tokenizer = None
+    return Loaded(model.float().eval(), tokenizer, name or str(directory), str(directory.resolve()), manifest=manifest)

@@ -1,0 +1,174 @@
+"""`convert` and `evaluate`: the conversion workflow behind `ccli convert` and `ccli eval`."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+
+from .arch import view
+from .data import load_paragraphs
+from .distill import DistillConfig, Progress, distill, tokenize
+from .errors import CcliError
+from .hub import Loaded, load
+from .inputs import build_inputs
+from .measure.fidelity import compare, ffn_errors
+from .measure.flops import count_flops
+from .variants import FAMILIES
+from .variants.base import DenseFFN
+
+
+def _ffn_flops_per_token(loaded: Loaded, seq: int = 128) -> int:
+    from .api import flops_by_component
+
+    inputs = build_inputs(loaded, seq=seq)
+    counted = count_flops(loaded.model, inputs)
+    return round(flops_by_component(view(loaded.model), counted.by_module)["ffn"] / inputs["input_ids"].numel())
+
+
+def _progress_path(out: Path) -> Path:
+    return out.parent / f".{out.name}.ccli-progress.pt"
+
+
+def convert(
+    model: str | None = None,
+    *,
+    to: str | None = None,
+    params: dict | None = None,
+    recipe: str | Path | None = None,
+    data: str | None = None,
+    out: str | Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    evaluate_fidelity: bool = True,
+    heldout_paragraphs: int = 256,
+    show_progress: bool = True,
+    **distill_options,
+) -> dict:
+    """Convert `model` into a conditional-compute variant by distillation (see ccli.distill).
+
+    Settings come from `recipe` (a YAML file, see ccli.recipes) and are overridden by the explicit
+    arguments: `to` and `params` (e.g. {'depth': 3, 'leaf_width': 48}) for the variant, and any
+    DistillConfig field (steps, e2e_steps, lr, seed, tokens, ...) as keyword arguments.
+    Returns a record with the per-layer training errors, FFN FLOPs before/after and fidelity on
+    held-out text; with `out`, the converted model is saved there (atomically) and reloads with
+    `ccli.load(out)`."""
+    plan = _plan(model, to, params, recipe, data, distill_options)
+    if resume and out is None:
+        raise CcliError("--resume needs --out: progress is kept next to the output directory")
+    out_path = Path(out).expanduser().resolve() if out is not None else None
+    if out_path is not None and out_path.exists() and not overwrite and (not out_path.is_dir() or any(out_path.iterdir())):
+        raise CcliError(f"--out {out_path} already exists and is not empty; choose another directory or pass --overwrite")
+
+    teacher = load(plan["model"])
+    if teacher.manifest is not None:
+        raise CcliError(f"'{plan['model']}' is already a converted ccli model; convert its base model instead")
+    arch = view(teacher.model)
+    train = load_paragraphs(plan["data"], "train")
+    heldout = load_paragraphs(plan["data"], "heldout")[:heldout_paragraphs]
+    cfg = plan["distill"]
+    batches = tokenize(teacher.tokenizer, train, cfg.max_length)
+    heldout_batches = tokenize(teacher.tokenizer, heldout, cfg.max_length)
+
+    student = copy.deepcopy(teacher.model)
+    teacher_ffns = {i: DenseFFN.from_view(b.ffn) for i, b in enumerate(arch.blocks)}
+    progress = Progress(enabled=show_progress)
+    reports, layer_specs = [], {}
+    for n, step in enumerate(plan["convert"]):
+        variant = FAMILIES[step["to"]](**{k: v for k, v in step.items() if k != "to"})
+        run_key = {"model": teacher.source, "variant": variant.spec(), "distill": asdict(cfg), "data": plan["data"], "step": n}
+        checkpoint = _progress_path(out_path).with_suffix(f".{n}.pt") if out_path else None
+        specs, report = distill(student, teacher.model, variant, batches, cfg, checkpoint=checkpoint,
+                                resume=resume, run_key=run_key, progress=progress)
+        layer_specs.update(specs)
+        reports.append(report)
+
+    student_loaded = Loaded(student.eval(), teacher.tokenizer, f"{teacher.name} ({_describe(plan['convert'])})", "converted")
+    record = {
+        "model": teacher.name,
+        "source": teacher.source,
+        "convert": plan["convert"],
+        "distill": asdict(cfg),
+        "data": plan["data"] or "bundled",
+        "layers": [vars(r) for rep in reports for r in rep.layers],
+        "e2e_loss_first": reports[-1].e2e_losses[0] if reports[-1].e2e_losses else None,
+        "e2e_loss_last": reports[-1].e2e_losses[-1] if reports[-1].e2e_losses else None,
+        "seconds": round(sum(r.seconds for r in reports), 1),
+        "ffn_flops_per_token_dense": _ffn_flops_per_token(teacher),
+        "ffn_flops_per_token": _ffn_flops_per_token(student_loaded),
+    }
+    record["ffn_flops_reduction"] = round(record["ffn_flops_per_token_dense"] / max(record["ffn_flops_per_token"], 1), 2)
+    if evaluate_fidelity:
+        progress.log("measuring fidelity on held-out text")
+        record["fidelity"] = compare(student, teacher.model, teacher.tokenizer, heldout, cfg.max_length)
+        record["fidelity"]["ffn_rel_error"] = ffn_errors(student, teacher_ffns, heldout_batches)
+    if out_path is not None:
+        from .checkpoint import save_converted
+
+        manifest = {
+            "base_model": teacher.name,
+            "base_source": teacher.source,
+            "family": arch.family,
+            "convert": plan["convert"],
+            "layers": {str(i): spec for i, spec in layer_specs.items()},
+            "distill": asdict(cfg),
+            "data": plan["data"] or "bundled",
+            "fidelity": record.get("fidelity"),
+        }
+        record["out"] = str(save_converted(student, teacher.tokenizer, out_path, manifest, overwrite=overwrite))
+        for n in range(len(plan["convert"])):
+            _progress_path(out_path).with_suffix(f".{n}.pt").unlink(missing_ok=True)
+    return record
+
+
+def _describe(convert_steps: list[dict]) -> str:
+    return " + ".join(f"{s['to']} " + " ".join(f"{k}={v}" for k, v in s.items() if k != "to") for s in convert_steps)
+
+
+def _plan(model, to, params, recipe, data, distill_options) -> dict:
+    """Merge a recipe with explicit arguments (explicit wins) into a validated plan."""
+    from .recipes import load_recipe
+
+    base = load_recipe(recipe) if recipe else {"model": None, "data": None, "convert": [], "distill": {}}
+    convert_steps = [dict(s) for s in base["convert"]]
+    if to is not None:
+        if to not in FAMILIES:
+            raise CcliError(f"--to {to}: unknown variant family; choose one of {', '.join(FAMILIES)}")
+        if convert_steps and convert_steps[0]["to"] == to:
+            convert_steps[0].update({k: v for k, v in (params or {}).items() if v is not None})
+        else:
+            convert_steps = [{"to": to, **{k: v for k, v in (params or {}).items() if v is not None}}]
+    elif params and any(v is not None for v in params.values()):
+        if not convert_steps:
+            raise CcliError("variant options need --to (or a --recipe that names the variant)")
+        convert_steps[0].update({k: v for k, v in params.items() if v is not None})
+    if not convert_steps:
+        raise CcliError("say what to convert to: --to fff, or --recipe FILE")
+    for step in convert_steps:  # build once to validate the parameters early
+        FAMILIES[step["to"]](**{k: v for k, v in step.items() if k != "to"})
+    known = {f.name for f in fields(DistillConfig)}
+    unknown = set(distill_options) - known
+    if unknown:
+        raise CcliError(f"unknown distillation option '{sorted(unknown)[0]}'")
+    merged = {**base["distill"], **{k: v for k, v in distill_options.items() if v is not None}}
+    cfg = DistillConfig(**merged)
+    cfg.validate()
+    return {"model": model or base["model"], "data": data or base["data"], "convert": convert_steps, "distill": cfg}
+
+
+def evaluate(directory: str, *, data: str | None = None, heldout_paragraphs: int = 256) -> dict:
+    """Fidelity of a converted model (a directory written by convert) to its base model."""
+    student = load(directory)
+    if student.manifest is None:
+        raise CcliError(f"'{directory}' is not a converted ccli model (no ccli.json); eval compares a conversion with its base")
+    teacher = load(student.manifest["base_source"])
+    heldout = load_paragraphs(data, "heldout")[:heldout_paragraphs]
+    max_length = student.manifest.get("distill", {}).get("max_length", 128)
+    record = {"model": directory, "base_model": student.manifest["base_model"], "data": data or "bundled",
+              "convert": student.manifest.get("convert")}
+    record["fidelity"] = compare(student.model, teacher.model, teacher.tokenizer, heldout, max_length)
+    teacher_ffns = {i: DenseFFN.from_view(b.ffn) for i, b in enumerate(view(teacher.model).blocks)}
+    record["fidelity"]["ffn_rel_error"] = ffn_errors(student.model, teacher_ffns, tokenize(teacher.tokenizer, heldout, max_length))
+    return record

@@ -1,0 +1,346 @@
+"""The distillation engine every variant family shares.
+
+Conversion runs in two stages:
+1. Layer by layer, in order. For layer l the engine collects the FFN's real inputs from the student
+   as converted so far (layers < l already replaced, so each layer learns to work with what the
+   earlier converted layers really produce), computes the dense teacher FFN's outputs on those
+   inputs, builds the new layer from the dense one (`variant.init_from_dense`) and trains it to
+   match (relative MSE). A progress checkpoint is written after every layer.
+2. Optionally end to end: all converted layers are trained together so that the student's final
+   hidden states match the teacher's on the same text.
+
+Progress goes to stderr (rich progress bars when stderr is a terminal). `resume=True` continues
+from the last checkpoint of an identical run.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .arch import ArchView, view
+from .errors import CcliError
+from .variants.base import DenseFFN, FFNVariant
+
+
+@dataclass
+class DistillConfig:
+    steps: int = 300  # layer-wise optimisation steps per layer
+    e2e_steps: int = 0  # end-to-end steps after all layers
+    lr: float = 1e-3
+    e2e_lr: float = 1e-4
+    seed: int = 0
+    tokens: int = 32768  # calibration tokens collected per layer
+    batch_tokens: int = 1024  # tokens per layer-wise step
+    max_length: int = 128
+    e2e_batch: int = 16  # sequences per end-to-end step
+    layers: list[int] | None = None  # which blocks to convert (None: all)
+
+    def validate(self) -> None:
+        for key in ("steps", "e2e_steps", "tokens", "batch_tokens", "max_length", "e2e_batch"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < (0 if key in ("steps", "e2e_steps") else 1):
+                raise CcliError(f"--{key.replace('_', '-')} must be a {'non-negative' if 'steps' in key else 'positive'} integer (got {value!r})")
+        for key in ("lr", "e2e_lr"):
+            value = getattr(self, key)
+            if not isinstance(value, (int, float)) or not 0 < value < 1:
+                raise CcliError(f"--{key.replace('_', '-')} must be between 0 and 1 (got {value!r})")
+
+
+@dataclass
+class LayerReport:
+    layer: int
+    init_rel_error: float  # relative MSE of the initialised layer on its calibration tokens
+    final_rel_error: float
+    seconds: float
+
+
+@dataclass
+class DistillReport:
+    layers: list[LayerReport] = field(default_factory=list)
+    e2e_losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass once the wanted activations are captured."""
+
+
+def tokenize(tokenizer, paragraphs: list[str], max_length: int, batch_size: int = 32) -> list[dict]:
+    """Paragraphs -> padded batches of (input_ids, attention_mask)."""
+    if tokenizer is None:
+        raise CcliError("conversion needs the model's tokenizer, and this model has none here")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    batches = []
+    for start in range(0, len(paragraphs), batch_size):
+        enc = tokenizer(paragraphs[start : start + batch_size], truncation=True, max_length=max_length,
+                        padding=True, return_tensors="pt")
+        batches.append({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+    return batches
+
+
+def collect_ffn_inputs(model: nn.Module, arch: ArchView, layer: int, batches: list[dict], tokens: int) -> torch.Tensor:
+    """Up to `tokens` real (non-padding) inputs of block `layer`'s FFN: (tokens, H)."""
+    first = model.get_submodule(arch.blocks[layer].ffn.paths[0])
+    captured: list[torch.Tensor] = []
+    count = 0
+    current_mask: dict = {}
+
+    def hook(module, args):
+        x = args[0]
+        mask = current_mask["mask"].reshape(-1).bool()
+        captured.append(x.detach().reshape(-1, x.shape[-1])[mask].float())
+        raise _Stop
+
+    handle = first.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                current_mask["mask"] = batch["attention_mask"]
+                try:
+                    model(**batch)
+                except _Stop:
+                    pass
+                count += captured[-1].shape[0]
+                if count >= tokens:
+                    break
+    finally:
+        handle.remove()
+    return torch.cat(captured)[:tokens]
+
+
+def relative_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """||pred - target||^2 / ||target - mean(target)||^2: 0 is perfect, 1 is as bad as predicting the mean."""
+    centred = target - target.mean(0, keepdim=True)
+    return (pred - target).pow(2).sum() / centred.pow(2).sum().clamp_min(1e-12)
+
+
+def fit_layer(layer: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: DistillConfig, seed: int,
+              on_step: Callable[[int, float], None] | None = None) -> tuple[float, float]:
+    """Train `layer` so that layer(x) matches y; returns (relative error before, after)."""
+    generator = torch.Generator().manual_seed(seed)
+    layer.train()
+    params = [p for p in layer.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=cfg.lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(cfg.steps, 1))
+    with torch.no_grad():
+        before = _eval_error(layer, x, y)
+    for step in range(cfg.steps):
+        idx = torch.randint(0, x.shape[0], (min(cfg.batch_tokens, x.shape[0]),), generator=generator)
+        loss = relative_error(layer(x[idx]), y[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if on_step:
+            on_step(step, loss.item())
+    layer.eval()
+    with torch.no_grad():
+        after = _eval_error(layer, x, y)
+    return before, after
+
+
+def _eval_error(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    was_training = layer.training
+    layer.eval()
+    with torch.no_grad():
+        err = relative_error(torch.cat([layer(chunk) for chunk in x.split(4096)]), y).item()
+    layer.train(was_training)
+    return err
+
+
+class Progress:
+    """Rich progress on stderr when it is a terminal; one plain line per layer otherwise."""
+
+    def __init__(self, enabled: bool = True):
+        import sys
+
+        from rich.console import Console
+
+        self.console = Console(stderr=True)
+        self.live = enabled and sys.stderr.isatty()
+        self.enabled = enabled
+        self._progress = None
+
+    def __enter__(self):
+        if self.live:
+            from rich.progress import BarColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn
+
+            self._progress = RichProgress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
+                                          TimeElapsedColumn(), console=self.console, transient=True)
+            self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._progress:
+            self._progress.__exit__(*exc)
+
+    def task(self, description: str, total: int):
+        if self._progress:
+            return self._progress.add_task(description, total=total, info="")
+        return description
+
+    def update(self, task, advance: int = 1, info: str = "") -> None:
+        if self._progress:
+            self._progress.update(task, advance=advance, info=info)
+
+    def log(self, message: str) -> None:
+        if self.enabled:
+            self.console.print(message, highlight=False)
+
+
+def _atomic_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def distill(
+    student: nn.Module,
+    teacher: nn.Module,
+    variant: FFNVariant,
+    train_batches: list[dict],
+    cfg: DistillConfig,
+    *,
+    checkpoint: Path | None = None,
+    resume: bool = False,
+    run_key: dict | None = None,
+    progress: Progress | None = None,
+) -> tuple[dict[int, dict], DistillReport]:
+    """Convert the FFNs of `student` (a copy of `teacher`) in place. Returns ({layer: spec}, report)."""
+    cfg.validate()
+    progress = progress or Progress(enabled=False)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    arch = view(student)
+    layers = cfg.layers if cfg.layers is not None else list(range(len(arch.blocks)))
+    bad = [i for i in layers if not 0 <= i < len(arch.blocks)]
+    if bad:
+        raise CcliError(f"--layers {bad[0]} is out of range: the model has blocks 0-{len(arch.blocks) - 1}")
+    report = DistillReport()
+    specs: dict[int, dict] = {}
+    state = _load_progress(checkpoint, run_key) if resume else None
+    start = time.perf_counter()
+    with progress:
+        for i in layers:
+            ffn = view(student).blocks[i].ffn
+            dense = DenseFFN.from_view(ffn)
+            if state and i in state["layers"]:
+                spec = state["specs"][i]
+                layer = type(variant).skeleton(dense.hidden_size, spec)
+                layer.load_state_dict(state["layers"][i])
+                ffn.replace(layer.eval())
+                specs[i] = spec
+                report.layers.append(state["reports"][i])
+                progress.log(f"layer {i}: restored from checkpoint")
+                continue
+            t0 = time.perf_counter()
+            x = collect_ffn_inputs(student, view(student), i, train_batches, cfg.tokens)
+            with torch.no_grad():
+                y = dense(x)
+            layer = variant.init_from_dense(dense, x, seed=cfg.seed + i)
+            task = progress.task(f"layer {i}", cfg.steps)
+            before, after = fit_layer(layer, x, y, cfg, seed=cfg.seed + i,
+                                      on_step=lambda s, loss: progress.update(task, info=f"rel. error {loss:.4f}"))
+            ffn.replace(layer.eval())
+            spec = {**variant.spec(), "activation": dense.activation}
+            specs[i] = spec
+            layer_report = LayerReport(i, before, after, time.perf_counter() - t0)
+            report.layers.append(layer_report)
+            progress.log(f"layer {i}: FFN relative error {before:.4f} after init -> {after:.4f} after {cfg.steps} steps "
+                         f"({layer_report.seconds:.1f}s, {x.shape[0]} tokens)")
+            if checkpoint is not None:
+                state = state or {"key": run_key, "layers": {}, "specs": {}, "reports": {}}
+                state["layers"][i] = layer.state_dict()
+                state["specs"][i] = spec
+                state["reports"][i] = layer_report
+                _atomic_save(state, checkpoint)
+        if cfg.e2e_steps:
+            report.e2e_losses = end_to_end(student, teacher, train_batches, cfg, progress)
+    report.seconds = time.perf_counter() - start
+    return specs, report
+
+
+def _load_progress(checkpoint: Path | None, run_key: dict | None):
+    if checkpoint is None or not checkpoint.is_file():
+        return None
+    try:
+        state = torch.load(checkpoint, weights_only=False)
+    except Exception as exc:  # a damaged checkpoint must not stop a fresh start
+        raise CcliError(f"cannot read the progress checkpoint {checkpoint} ({type(exc).__name__}); delete it to start over") from exc
+    if state.get("key") != run_key:
+        raise CcliError(f"the checkpoint {checkpoint} is from a run with different settings; delete it or drop --resume")
+    return state
+
+
+def converted_modules(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if getattr(m, "is_ccli_ffn", False)]
+
+
+def _hidden(out) -> torch.Tensor:
+    return out.last_hidden_state if getattr(out, "last_hidden_state", None) is not None else out.hidden_states[-1]
+
+
+def end_to_end(student: nn.Module, teacher: nn.Module, batches: list[dict], cfg: DistillConfig,
+               progress: Progress) -> list[float]:
+    """Train every converted layer together so the student's final hidden states match the teacher's."""
+    layers = converted_modules(student)
+    params = [p for m in layers for p in m.parameters()]
+    if not params:
+        return []
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    student.eval()
+    for m in layers:
+        m.train()  # hard-routed masked path: gradients reach the visited neurons
+    optimizer = torch.optim.Adam(params, lr=cfg.e2e_lr)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.e2e_steps)
+    generator = random.Random(cfg.seed)
+    pool = [(b["input_ids"][j : j + 1], b["attention_mask"][j : j + 1]) for b in batches for j in range(b["input_ids"].shape[0])]
+    task = progress.task("end to end", cfg.e2e_steps)
+    losses = []
+    for step in range(cfg.e2e_steps):
+        picked = generator.sample(pool, min(cfg.e2e_batch, len(pool)))
+        ids, mask = _pad([p[0] for p in picked], [p[1] for p in picked])
+        kwargs = {"input_ids": ids, "attention_mask": mask}
+        with torch.no_grad():
+            target = _hidden(teacher(**kwargs, output_hidden_states=True))
+        pred = _hidden(student(**kwargs, output_hidden_states=True))
+        real = mask.bool()
+        loss = relative_error(pred[real], target[real])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        progress.update(task, info=f"hidden-state rel. error {loss.item():.4f}")
+    for m in layers:
+        m.eval()
+    for p in student.parameters():
+        p.requires_grad_(False)
+    progress.log(f"end to end: hidden-state relative error {losses[0]:.4f} -> {sum(losses[-10:]) / len(losses[-10:]):.4f} "
+                 f"over {cfg.e2e_steps} steps")
+    return losses
+
+
+def _pad(ids: list[torch.Tensor], masks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(int(m.sum()) for m in masks)
+    out_ids = torch.zeros(len(ids), length, dtype=ids[0].dtype)
+    out_mask = torch.zeros(len(ids), length, dtype=masks[0].dtype)
+    for row, (i, m) in enumerate(zip(ids, masks)):
+        n = int(m.sum())
+        out_ids[row, :n] = i[0, :n]
+        out_mask[row, :n] = 1
+    return out_ids, out_mask

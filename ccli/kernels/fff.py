@@ -1,0 +1,317 @@
+"""Conditional matrix multiplication for fast feedforward (FFF) trees: the `ccli::fff` op.
+
+Layout. A FFF layer has K trees (`trees`) of depth D (`depth` >= 0) with leaf width W (`leaf_width`
+>= 1) over hidden size H. Each tree has I = 2^D - 1 internal nodes (one neuron each) and L = 2^D
+leaves (W neurons each): M = I + L*W neuron rows per tree, K*M in all. `w_in` (K*M, H) and `b_in`
+(K*M,) are the input weights and biases, `w_out` (K*M, H) the output vectors (row r is neuron r's
+output, i.e. linear_out.weight.T made contiguous). Tree k's rows start at base = k*M: internal node n
+is row base+n, leaf j owns rows base+I+j*W ... base+I+j*W+W-1.
+
+Per token x: y = sum over trees of [for D levels from node n=0: z = x.w_in[n] + b_in[n];
+y += act(z) w_out[n]; n = 2n + 1 + (z >= 0)], then the W neurons of leaf n - I likewise. No output
+bias. With W = 1 this is UltraFastBERT's FFF; D = 0 is a dense FFN of width W per tree.
+Work per token: K*(D+W) neurons, K*(D+W)*2*H multiply-accumulates.
+
+Backends: "reference" (PyTorch, any device), "native" (C++/OpenMP, CPU float32, built on first use),
+"triton" (CUDA; CPU only under TRITON_INTERPRET=1). "auto" (the default) uses native on CPU and
+triton on CUDA when available, else the reference. `set_backend` / `use_backend` force one.
+
+Importing this module registers the op, its fake (meta) impl, a FlopCounterMode formula and an fvcore
+handle (ccli.measure.flops) for it.
+
+The op is for inference: it has no autograd formula (backpropagating through it makes torch warn and
+gives no gradients). `fff_reference` is differentiable (hard routing) for training.
+
+Dispatch cost: once the native extension has loaded, CPU calls go from the dispatcher straight to C++
+(about 2 us over calling the kernel directly); other devices/backends go through a Python kernel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from ccli.kernels import native
+
+__all__ = [
+    "ACTIVATIONS",
+    "BACKENDS",
+    "available_backends",
+    "fff",
+    "fff_macs",
+    "fff_reference",
+    "fff_rows",
+    "get_backend",
+    "set_backend",
+    "use_backend",
+]
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
+BACKENDS = ("auto", "reference", "native", "triton")
+
+_ACT_FNS = {
+    "gelu": F.gelu,
+    "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+def fff_rows(trees: int, depth: int, leaf_width: int) -> int:
+    """Number of neuron rows of w_in / b_in / w_out: K * (2^D - 1 + 2^D * W)."""
+    return trees * ((1 << depth) - 1 + (1 << depth) * leaf_width)
+
+
+def fff_macs(n_tokens: int, hidden: int, trees: int, depth: int, leaf_width: int) -> int:
+    """Multiply-accumulates of one call: N * K * (D + W) * 2 * H (FLOPs are twice this)."""
+    return n_tokens * trees * (depth + leaf_width) * 2 * hidden
+
+
+def _check_args(x, w_in, b_in, w_out, trees, depth, leaf_width, activation) -> None:
+    if activation not in _ACT_FNS:
+        raise ValueError(f"fff: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
+    if trees < 1 or depth < 0 or leaf_width < 1 or depth > 30:
+        raise ValueError(f"fff: need trees >= 1, 0 <= depth <= 30, leaf_width >= 1 (got {trees}, {depth}, {leaf_width})")
+    if x.dim() != 2:
+        raise ValueError(f"fff: x must be 2-D (N, H), got shape {tuple(x.shape)}")
+    hidden = x.shape[1]
+    rows = fff_rows(trees, depth, leaf_width)
+    if tuple(w_in.shape) != (rows, hidden) or tuple(w_out.shape) != (rows, hidden):
+        raise ValueError(
+            f"fff: w_in and w_out must be ({rows}, {hidden}) for trees={trees} depth={depth} "
+            f"leaf_width={leaf_width}, got {tuple(w_in.shape)} and {tuple(w_out.shape)}"
+        )
+    if tuple(b_in.shape) != (rows,):
+        raise ValueError(f"fff: b_in must be ({rows},), got {tuple(b_in.shape)}")
+
+
+# --- reference ----------------------------------------------------------------------------------------
+
+_REF_CHUNK_ELEMENTS = 1 << 24  # bound on gathered leaf weights per chunk of tokens (64 MiB in fp32)
+
+
+def fff_reference(
+    x: torch.Tensor,
+    w_in: torch.Tensor,
+    b_in: torch.Tensor,
+    w_out: torch.Tensor,
+    trees: int,
+    depth: int,
+    leaf_width: int,
+    activation: str,
+) -> torch.Tensor:
+    """FFF forward in plain PyTorch (any device and dtype, differentiable); x is (N, H), returns (N, H).
+
+    Vectorised over tokens: one gather + batched matmul per level, one for the leaf block (tokens are
+    processed in chunks so that the gathered leaf weights stay bounded)."""
+    _check_args(x, w_in, b_in, w_out, trees, depth, leaf_width, activation)
+    act = _ACT_FNS[activation]
+    n_tokens, hidden = x.shape
+    n_internal = (1 << depth) - 1
+    rows_per_tree = n_internal + (n_internal + 1) * leaf_width
+    dev = x.device
+    base = torch.arange(trees, device=dev) * rows_per_tree  # (K,)
+    leaf_offsets = torch.arange(leaf_width, device=dev)  # (W,)
+    chunk = max(1, _REF_CHUNK_ELEMENTS // max(1, trees * leaf_width * hidden))
+    outs = []
+    for start in range(0, max(n_tokens, 1), chunk):
+        xs = x[start : start + chunk]
+        n = xs.shape[0]
+        xcol = xs.unsqueeze(-1)  # (n, H, 1)
+        y = None
+        node = torch.zeros(n, trees, dtype=torch.long, device=dev)
+        for _ in range(depth):
+            rows = (node + base).reshape(-1)  # (n*K,)
+            z = torch.bmm(w_in.index_select(0, rows).view(n, trees, hidden), xcol).squeeze(-1)
+            z = z + b_in.index_select(0, rows).view(n, trees)
+            term = torch.bmm(act(z).unsqueeze(1), w_out.index_select(0, rows).view(n, trees, hidden)).squeeze(1)
+            y = term if y is None else y + term
+            node = 2 * node + 1 + (z >= 0).long()
+        first = base + n_internal + (node - n_internal) * leaf_width  # (n, K)
+        rows = (first.unsqueeze(-1) + leaf_offsets).reshape(-1)  # (n*K*W,)
+        width = trees * leaf_width
+        z = torch.bmm(w_in.index_select(0, rows).view(n, width, hidden), xcol).squeeze(-1)
+        z = z + b_in.index_select(0, rows).view(n, width)
+        term = torch.bmm(act(z).unsqueeze(1), w_out.index_select(0, rows).view(n, width, hidden)).squeeze(1)
+        outs.append(term if y is None else y + term)
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+# --- backends -----------------------------------------------------------------------------------------
+
+_backend = "auto"
+# The resolved implementation per device type for the current backend (reset by set_backend).
+_resolved: dict[str, object] = {}
+
+
+def _native_f32(x, w_in, b_in, w_out, trees, depth, leaf_width, activation):
+    # The extension is loaded by _resolve; it checks shapes itself. Other dtypes use the reference.
+    ext = native._ext
+    if x.dtype is torch.float32 and ext is not None:
+        return ext.fff_forward(x, w_in, b_in, w_out, trees, depth, leaf_width, activation)
+    return fff_reference(x, w_in, b_in, w_out, trees, depth, leaf_width, activation)
+
+
+def _triton_impl(x, w_in, b_in, w_out, trees, depth, leaf_width, activation):
+    from ccli.kernels.fff_triton import fff_triton
+
+    _check_args(x, w_in, b_in, w_out, trees, depth, leaf_width, activation)
+    return fff_triton(x, w_in, b_in, w_out, trees, depth, leaf_width, activation)
+
+
+def _triton_supports(device: torch.device) -> bool:
+    from ccli.kernels import fff_triton
+
+    return fff_triton.supports(device)
+
+
+def _resolve(device_type: str):
+    """Pick (and cache) the implementation for `device_type` under the current backend."""
+    device = torch.device(device_type)
+    name = _backend
+    if name == "reference":
+        fn = fff_reference
+    elif name == "native":
+        if device.type != "cpu":
+            raise RuntimeError(f"fff: the native backend runs on CPU tensors only, got {device.type}")
+        if native.load() is None:
+            raise RuntimeError(f"fff: native backend unavailable: {native.failure_reason()}")
+        fn = _native_f32
+    elif name == "triton":
+        if not _triton_supports(device):
+            raise RuntimeError(
+                f"fff: triton backend unavailable on {device.type} (needs triton, and a CUDA device, "
+                "or TRITON_INTERPRET=1 set before triton is imported for CPU tensors)"
+            )
+        fn = _triton_impl
+    elif device.type == "cpu":  # auto
+        fn = _native_f32 if native.load() is not None else fff_reference
+    elif device.type == "cuda" and _triton_supports(device):
+        fn = _triton_impl
+    else:
+        fn = fff_reference
+    _resolved[device.type] = fn
+    if device.type == "cpu":
+        # The extension's C++ CPU kernel of the op handles float32 itself only when native is selected.
+        native.set_dispatch(fn is _native_f32)
+    return fn
+
+
+def set_backend(name: str) -> None:
+    """Force a backend for all later calls: "auto" (default), "reference", "native" or "triton"."""
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"unknown fff backend {name!r}; expected one of {BACKENDS}")
+    _backend = name
+    _resolved.clear()
+    native.set_dispatch(False)  # re-enabled by the next CPU call if native is still selected
+
+
+def get_backend() -> str:
+    return _backend
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Context manager: use backend `name` inside the block, restore the previous one after."""
+    previous = _backend
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Backends that can run on `device` (may build the native kernel). "auto" is always allowed too."""
+    device = torch.device(device)
+    names = ["reference"]
+    if device.type == "cpu" and native.load() is not None:
+        names.append("native")
+    if _triton_supports(device):
+        names.append("triton")
+    return names
+
+
+# --- the op ---------------------------------------------------------------------------------------------
+
+_lib = torch.library.Library("ccli", "FRAGMENT")
+_lib.define(
+    "fff(Tensor x, Tensor w_in, Tensor b_in, Tensor w_out, int trees, int depth, int leaf_width, "
+    "str activation) -> Tensor"
+)
+
+
+def _impl_python(x, w_in, b_in, w_out, trees, depth, leaf_width, activation):
+    """The op's Python kernel, for every device (CPU calls reach it only while the native extension's
+    own C++ CPU kernel is not loaded or not selected)."""
+    fn = _resolved.get(x.device.type) or _resolve(x.device.type)
+    return fn(x, w_in, b_in, w_out, trees, depth, leaf_width, activation)
+
+
+_lib.impl("fff", _impl_python, "CompositeExplicitAutograd")
+native._python_kernel = _impl_python
+
+
+@torch.library.register_fake("ccli::fff")
+def _fff_fake(x, w_in, b_in, w_out, trees, depth, leaf_width, activation):
+    _check_args(x, w_in, b_in, w_out, trees, depth, leaf_width, activation)
+    return x.new_empty(x.shape)
+
+
+_OP = torch.ops.ccli.fff.default
+
+
+def fff(
+    x: torch.Tensor,
+    w_in: torch.Tensor,
+    b_in: torch.Tensor,
+    w_out: torch.Tensor,
+    trees: int,
+    depth: int,
+    leaf_width: int,
+    activation: str = "gelu",
+) -> torch.Tensor:
+    """FFF forward for x of shape (..., H) through the `ccli::fff` op; returns (..., H) (no output bias)."""
+    if x.dim() == 2:
+        return _OP(x, w_in, b_in, w_out, trees, depth, leaf_width, activation)
+    shape = x.shape
+    y = _OP(x.reshape(-1, shape[-1]), w_in, b_in, w_out, trees, depth, leaf_width, activation)
+    return y.view(shape)
+
+
+# --- FLOP accounting --------------------------------------------------------------------------------
+
+
+def _register_flop_formula() -> None:
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+
+    packet = torch.ops.ccli.fff
+    if packet in flop_registry:
+        return
+
+    @register_flop_formula(packet)
+    def _fff_flop(x_shape, w_in_shape, b_in_shape, w_out_shape, trees, depth, leaf_width, *args, out_shape=None, **kwargs):
+        return 2 * fff_macs(x_shape[0], x_shape[1], trees, depth, leaf_width)
+
+
+def _fvcore_handle(inputs, outputs) -> float:
+    """fvcore handle: multiply-accumulates of a traced ccli::fff node."""
+    n_tokens, hidden = inputs[0].type().sizes()[-2:]
+    trees, depth, leaf_width = (int(inputs[i].toIValue()) for i in (4, 5, 6))
+    return fff_macs(n_tokens, hidden, trees, depth, leaf_width)
+
+
+def _register_fvcore_handle() -> None:
+    try:
+        from ccli.measure.flops import register_flop_handle
+    except Exception:  # pragma: no cover - ccli.measure is part of the package
+        return
+    register_flop_handle("ccli::fff", _fvcore_handle)
+
+
+_register_flop_formula()
+_register_fvcore_handle()

@@ -1,0 +1,542 @@
+// Native CPU kernel for fast feedforward (FFF) trees: conditional matrix multiplication.
+//
+// Contract (see ccli/kernels/fff.py): K trees of depth D and leaf width W over hidden size H.
+// Per tree M = (2^D - 1) + 2^D * W neuron rows; tree k owns rows k*M ... k*M + M - 1 of w_in, b_in,
+// w_out (w_out row r is the output vector of neuron r). A token walks D internal nodes (routing
+// z >= 0 to the right child), then evaluates the W neurons of the leaf it reached.
+//
+// Parallel over tokens with OpenMP (the same libgomp torch uses, so torch.set_num_threads applies);
+// the dot/axpy loops over H are written for the vectoriser (omp simd).
+//  - Routing: tokens go in blocks of four whose dot products/axpys are interleaved, so four
+//    independent weight rows stream from memory at once (deep trees are memory-latency bound).
+//  - Leaves: narrow leaves (W < 8, or few tokens per leaf) are evaluated per token right after
+//    routing. Wide leaves shared by several tokens are evaluated in a second phase: per tree, tokens
+//    are counting-sorted by leaf, and four tokens of a leaf at a time read each weight row once
+//    (register-blocked 4 tokens x 2 rows dots, 4 tokens x 16 columns output accumulation).
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+#include <torch/csrc/utils/pybind.h>
+#include <torch/library.h>
+
+#include <omp.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <string_view>
+#include <vector>
+
+namespace {
+
+enum class Act { Gelu, GeluTanh, Relu, Silu };
+
+Act parse_act(std::string_view name) {
+  if (name == "gelu") return Act::Gelu;
+  if (name == "gelu_tanh") return Act::GeluTanh;
+  if (name == "relu") return Act::Relu;
+  if (name == "silu") return Act::Silu;
+  TORCH_CHECK_VALUE(false, "fff: unknown activation '", std::string(name), "' (gelu, gelu_tanh, relu, silu)");
+}
+
+template <Act A>
+inline float act(float z) {
+  if constexpr (A == Act::Gelu) {
+    return 0.5f * z * (1.0f + std::erf(z * 0.70710678118654752440f));
+  } else if constexpr (A == Act::GeluTanh) {
+    const float u = 0.79788456080286535588f * (z + 0.044715f * z * z * z);
+    return 0.5f * z * (1.0f + std::tanh(u));
+  } else if constexpr (A == Act::Relu) {
+    return z > 0.0f ? z : 0.0f;
+  } else {
+    return z / (1.0f + std::exp(-z));
+  }
+}
+
+// ---- vector primitives (plain loops for the vectoriser) -------------------------------------------
+
+inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
+  float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+}
+
+inline void axpy(float* __restrict y, float a, const float* __restrict w, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] += a * w[i];
+}
+
+// One x against four rows (the leaf rows of one token).
+inline void dot_rows4(const float* __restrict x, const float* __restrict w0, const float* __restrict w1,
+                      const float* __restrict w2, const float* __restrict w3, int64_t n, float* out) {
+  float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+  for (int64_t i = 0; i < n; ++i) {
+    const float xi = x[i];
+    a0 += xi * w0[i];
+    a1 += xi * w1[i];
+    a2 += xi * w2[i];
+    a3 += xi * w3[i];
+  }
+  out[0] = a0, out[1] = a1, out[2] = a2, out[3] = a3;
+}
+
+inline void axpy_rows4(float* __restrict y, const float* a, const float* __restrict w0,
+                       const float* __restrict w1, const float* __restrict w2,
+                       const float* __restrict w3, int64_t n) {
+  const float a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] += a0 * w0[i] + a1 * w1[i] + a2 * w2[i] + a3 * w3[i];
+}
+
+// Four tokens, each with its own row: four independent memory streams in flight (routing).
+inline void dot_pairs4(const float* const* x, const float* const* w, int64_t n, float* out) {
+  const float* __restrict x0 = x[0];
+  const float* __restrict x1 = x[1];
+  const float* __restrict x2 = x[2];
+  const float* __restrict x3 = x[3];
+  const float* __restrict w0 = w[0];
+  const float* __restrict w1 = w[1];
+  const float* __restrict w2 = w[2];
+  const float* __restrict w3 = w[3];
+  float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+  for (int64_t i = 0; i < n; ++i) {
+    a0 += x0[i] * w0[i];
+    a1 += x1[i] * w1[i];
+    a2 += x2[i] * w2[i];
+    a3 += x3[i] * w3[i];
+  }
+  out[0] = a0, out[1] = a1, out[2] = a2, out[3] = a3;
+}
+
+inline void axpy_pairs4(float* const* y, const float* a, const float* const* w, int64_t n) {
+  float* __restrict y0 = y[0];
+  float* __restrict y1 = y[1];
+  float* __restrict y2 = y[2];
+  float* __restrict y3 = y[3];
+  const float* __restrict w0 = w[0];
+  const float* __restrict w1 = w[1];
+  const float* __restrict w2 = w[2];
+  const float* __restrict w3 = w[3];
+  const float a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    y0[i] += a0 * w0[i];
+    y1[i] += a1 * w1[i];
+    y2[i] += a2 * w2[i];
+    y3[i] += a3 * w3[i];
+  }
+}
+
+// Four tokens against two rows (a leaf shared by the tokens): 6 loads per 8 multiply-adds.
+inline void dot_tokens4_rows2(const float* const* x, const float* __restrict w0,
+                              const float* __restrict w1, int64_t n, float* out) {
+  const float* __restrict x0 = x[0];
+  const float* __restrict x1 = x[1];
+  const float* __restrict x2 = x[2];
+  const float* __restrict x3 = x[3];
+  float a00 = 0.0f, a10 = 0.0f, a20 = 0.0f, a30 = 0.0f, a01 = 0.0f, a11 = 0.0f, a21 = 0.0f, a31 = 0.0f;
+#pragma omp simd reduction(+ : a00, a10, a20, a30, a01, a11, a21, a31)
+  for (int64_t i = 0; i < n; ++i) {
+    const float u = w0[i], v = w1[i];
+    a00 += x0[i] * u, a01 += x0[i] * v;
+    a10 += x1[i] * u, a11 += x1[i] * v;
+    a20 += x2[i] * u, a21 += x2[i] * v;
+    a30 += x3[i] * u, a31 += x3[i] * v;
+  }
+  out[0] = a00, out[1] = a01, out[2] = a10, out[3] = a11;
+  out[4] = a20, out[5] = a21, out[6] = a30, out[7] = a31;
+}
+
+#if defined(__GNUC__) || defined(__clang__)
+#define CCLI_VECTOR_EXT 1
+typedef float v8f __attribute__((vector_size(32)));
+inline v8f loadu8(const float* p) {
+  v8f v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void storeu8(float* p, v8f v) { std::memcpy(p, &v, sizeof v); }
+#endif
+
+// ---- the problem -------------------------------------------------------------------------------------
+
+struct Problem {
+  const float* x;
+  const float* w_in;
+  const float* b_in;
+  const float* w_out;
+  float* y;
+  int64_t N, H, trees, depth, W;
+  int64_t I;  // internal nodes per tree
+  int64_t M;  // rows per tree
+};
+
+// `W` consecutive leaf neurons of one token, rows starting at row0.
+template <Act A>
+void leaf_rows(const Problem& p, const float* __restrict x, float* __restrict y, int64_t row0, int64_t W) {
+  const int64_t H = p.H;
+  int64_t j = 0;
+  for (; j + 4 <= W; j += 4) {
+    const int64_t r = row0 + j;
+    float a[4];
+    const float* wi = p.w_in + r * H;
+    dot_rows4(x, wi, wi + H, wi + 2 * H, wi + 3 * H, H, a);
+    for (int q = 0; q < 4; ++q) a[q] = act<A>(a[q] + p.b_in[r + q]);
+    const float* wo = p.w_out + r * H;
+    axpy_rows4(y, a, wo, wo + H, wo + 2 * H, wo + 3 * H, H);
+  }
+  for (; j < W; ++j) {
+    const int64_t r = row0 + j;
+    const float z = dot(x, p.w_in + r * H, H) + p.b_in[r];
+    axpy(y, act<A>(z), p.w_out + r * H, H);
+  }
+}
+
+// The W leaf neurons of one token, leaf rows starting at row0.
+template <Act A>
+void leaf_token(const Problem& p, const float* __restrict x, float* __restrict y, int64_t row0) {
+  leaf_rows<A>(p, x, y, row0, p.W);
+}
+
+// Routing phase for one token over all trees. With W == 1 the leaf is one more row (row = base +
+// node), handled as a last level; otherwise the leaf is evaluated here unless leaf_out is given,
+// in which case the leaf index of tree k is stored in leaf_out[k] for the grouped leaf phase.
+template <Act A>
+void route_token(const Problem& p, int64_t n, int32_t* leaf_out) {
+  const int64_t H = p.H;
+  const float* __restrict x = p.x + n * H;
+  float* __restrict y = p.y + n * H;
+  for (int64_t i = 0; i < H; ++i) y[i] = 0.0f;
+  const bool leaf_as_level = p.W == 1 && leaf_out == nullptr;
+  for (int64_t k = 0; k < p.trees; ++k) {
+    const int64_t base = k * p.M;
+    int64_t node = 0;
+    const int64_t levels = p.depth + (leaf_as_level ? 1 : 0);
+    for (int64_t d = 0; d < levels; ++d) {
+      const int64_t row = base + node;
+      const float z = dot(x, p.w_in + row * H, H) + p.b_in[row];
+      axpy(y, act<A>(z), p.w_out + row * H, H);
+      node = 2 * node + 1 + (z >= 0.0f ? 1 : 0);
+    }
+    if (leaf_as_level) continue;
+    if (leaf_out != nullptr) {
+      leaf_out[k] = static_cast<int32_t>(node - p.I);
+    } else {
+      leaf_token<A>(p, x, y, base + p.I + (node - p.I) * p.W);
+    }
+  }
+}
+
+// Routing phase for four consecutive tokens n0..n0+3 (same semantics as route_token).
+template <Act A>
+void route_tokens4(const Problem& p, int64_t n0, int32_t* leaf_out) {
+  const int64_t H = p.H;
+  const float* xs[4];
+  float* ys[4];
+  for (int t = 0; t < 4; ++t) {
+    xs[t] = p.x + (n0 + t) * H;
+    ys[t] = p.y + (n0 + t) * H;
+    for (int64_t i = 0; i < H; ++i) ys[t][i] = 0.0f;
+  }
+  const bool leaf_as_level = p.W == 1 && leaf_out == nullptr;
+  for (int64_t k = 0; k < p.trees; ++k) {
+    const int64_t base = k * p.M;
+    int64_t node[4] = {0, 0, 0, 0};
+    const int64_t levels = p.depth + (leaf_as_level ? 1 : 0);
+    for (int64_t d = 0; d < levels; ++d) {
+      const float* wi[4];
+      const float* wo[4];
+      int64_t row[4];
+      for (int t = 0; t < 4; ++t) {
+        row[t] = base + node[t];
+        wi[t] = p.w_in + row[t] * H;
+        wo[t] = p.w_out + row[t] * H;
+      }
+      float z[4], a[4];
+      dot_pairs4(xs, wi, H, z);
+      for (int t = 0; t < 4; ++t) {
+        z[t] += p.b_in[row[t]];
+        a[t] = act<A>(z[t]);
+        node[t] = 2 * node[t] + 1 + (z[t] >= 0.0f ? 1 : 0);
+      }
+      axpy_pairs4(ys, a, wo, H);
+    }
+    if (leaf_as_level) continue;
+    for (int t = 0; t < 4; ++t) {
+      if (leaf_out != nullptr) {
+        leaf_out[t * p.trees + k] = static_cast<int32_t>(node[t] - p.I);
+      } else {
+        leaf_token<A>(p, xs[t], ys[t], base + p.I + (node[t] - p.I) * p.W);
+      }
+    }
+  }
+}
+
+// Leaf phase for four tokens that reached the same leaf (rows row0 ... row0+W-1): every weight row
+// is loaded once for the four tokens. z holds 4*W floats of scratch.
+template <Act A>
+void leaf_tokens4(const Problem& p, const int32_t* tok, int64_t row0, float* __restrict z) {
+  const int64_t H = p.H, W = p.W;
+  const float* xs[4];
+  float* ys[4];
+  for (int t = 0; t < 4; ++t) {
+    xs[t] = p.x + int64_t(tok[t]) * H;
+    ys[t] = p.y + int64_t(tok[t]) * H;
+  }
+  // z[t*W + r] = act(x_t . w_in[row0 + r] + b)
+  int64_t r = 0;
+  for (; r + 2 <= W; r += 2) {
+    float o[8];
+    const float* wi = p.w_in + (row0 + r) * H;
+    dot_tokens4_rows2(xs, wi, wi + H, H, o);
+    for (int t = 0; t < 4; ++t) {
+      z[t * W + r] = o[2 * t];
+      z[t * W + r + 1] = o[2 * t + 1];
+    }
+  }
+  for (; r < W; ++r) {
+    const float* wi = p.w_in + (row0 + r) * H;
+    for (int t = 0; t < 4; ++t) z[t * W + r] = dot(xs[t], wi, H);
+  }
+  for (int t = 0; t < 4; ++t) {
+    for (int64_t q = 0; q < W; ++q) z[t * W + q] = act<A>(z[t * W + q] + p.b_in[row0 + q]);
+  }
+  // y_t += sum_r z[t, r] * w_out[row0 + r]: 4 tokens x 16 columns accumulated in registers.
+  int64_t i0 = 0;
+#ifdef CCLI_VECTOR_EXT
+  for (; i0 + 16 <= H; i0 += 16) {
+    v8f acc[4][2];
+    for (int t = 0; t < 4; ++t) acc[t][0] = acc[t][1] = v8f{};
+    const float* wo = p.w_out + row0 * H + i0;
+    for (int64_t q = 0; q < W; ++q, wo += H) {
+      const v8f u = loadu8(wo), v = loadu8(wo + 8);
+      for (int t = 0; t < 4; ++t) {
+        const float s = z[t * W + q];
+        acc[t][0] += s * u;
+        acc[t][1] += s * v;
+      }
+    }
+    for (int t = 0; t < 4; ++t) {
+      storeu8(ys[t] + i0, loadu8(ys[t] + i0) + acc[t][0]);
+      storeu8(ys[t] + i0 + 8, loadu8(ys[t] + i0 + 8) + acc[t][1]);
+    }
+  }
+#endif
+  if (i0 < H) {
+    const int64_t rest = H - i0;
+    for (int64_t q = 0; q < W; ++q) {
+      const float* wo = p.w_out + (row0 + q) * H + i0;
+      for (int t = 0; t < 4; ++t) axpy(ys[t] + i0, z[t * W + q], wo, rest);
+    }
+  }
+}
+
+
+template <Act A>
+void fff_all(const Problem& p) {
+  const int64_t N = p.N, K = p.trees, L = p.I + 1;
+  const int nthreads = at::get_num_threads();
+  // Few tokens with wide leaves (latency case): route serially, then split each leaf's rows across
+  // threads, each accumulating into its own buffer.
+  if (N < nthreads && p.W >= 32 && p.W * p.H >= 8192) {
+    std::vector<int32_t> leaf_of(N * K);
+    for (int64_t n = 0; n < N; ++n) route_token<A>(p, n, leaf_of.data() + n * K);
+    std::vector<float> partial(size_t(nthreads) * N * p.H, 0.0f);
+#pragma omp parallel num_threads(nthreads)
+    {
+      const int t = omp_get_thread_num(), T = omp_get_num_threads();
+      const int64_t j0 = p.W * t / T, j1 = p.W * (t + 1) / T;
+      float* mine = partial.data() + size_t(t) * N * p.H;
+      for (int64_t n = 0; n < N; ++n) {
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t row0 = k * p.M + p.I + int64_t(leaf_of[n * K + k]) * p.W;
+          leaf_rows<A>(p, p.x + n * p.H, mine + n * p.H, row0 + j0, j1 - j0);
+        }
+      }
+#pragma omp barrier
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < N * p.H; ++i) {
+        float acc = 0.0f;
+        for (int q = 0; q < T; ++q) acc += partial[size_t(q) * N * p.H + i];
+        p.y[i] += acc;
+      }
+    }
+    return;
+  }
+
+  // Grouped leaf phase when leaves are wide and shared by several tokens on average.
+  const bool grouped = p.W >= 8 && N >= 8 && L <= 4 * N;
+  std::vector<int32_t> leaf_of(grouped ? N * K : 0);
+  int32_t* leaves = grouped ? leaf_of.data() : nullptr;
+
+  // Phase 1: routing (and the leaves, unless grouped), in blocks of four tokens.
+  const int64_t blocks = (N + 3) / 4;
+  auto route_block = [&](int64_t b) {
+    const int64_t n0 = b * 4;
+    if (n0 + 4 <= N) {
+      route_tokens4<A>(p, n0, leaves ? leaves + n0 * K : nullptr);
+    } else {
+      for (int64_t n = n0; n < N; ++n) route_token<A>(p, n, leaves ? leaves + n * K : nullptr);
+    }
+  };
+  if (blocks == 1 || nthreads <= 1) {
+    for (int64_t b = 0; b < blocks; ++b) route_block(b);
+  } else {
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t b = 0; b < blocks; ++b) route_block(b);
+  }
+  if (!grouped) return;
+
+  // Phase 2: per tree, tokens sorted by leaf (counting sort), then work items of up to `chunk`
+  // tokens of one leaf. Within a tree each token is in one item, so items never share an output row.
+  // Tokens of one leaf per work item: large enough to reuse the leaf's weights from cache, small
+  // enough to give every thread several items.
+  const int64_t chunk = std::clamp<int64_t>((N / (4 * int64_t(nthreads)) + 3) / 4 * 4, 4, 64);
+  std::vector<int32_t> order(N);
+  std::vector<int64_t> start(L + 1);
+  std::vector<int64_t> items;  // packed (leaf, begin, end) triples
+  for (int64_t k = 0; k < K; ++k) {
+    std::fill(start.begin(), start.end(), 0);
+    for (int64_t n = 0; n < N; ++n) ++start[leaf_of[n * K + k] + 1];
+    for (int64_t l = 0; l < L; ++l) start[l + 1] += start[l];
+    {
+      std::vector<int64_t> fill(start.begin(), start.end() - 1);
+      for (int64_t n = 0; n < N; ++n) order[fill[leaf_of[n * K + k]]++] = static_cast<int32_t>(n);
+    }
+    items.clear();
+    for (int64_t l = 0; l < L; ++l) {
+      for (int64_t b = start[l]; b < start[l + 1]; b += chunk) {
+        items.push_back(l);
+        items.push_back(b);
+        items.push_back(std::min(b + chunk, start[l + 1]));
+      }
+    }
+    const int64_t n_items = static_cast<int64_t>(items.size()) / 3;
+    const int64_t base = k * p.M;
+#pragma omp parallel num_threads(nthreads) if (nthreads > 1 && n_items > 1)
+    {
+      std::vector<float> scratch(4 * p.W);
+#pragma omp for schedule(dynamic, 1)
+      for (int64_t it = 0; it < n_items; ++it) {
+        const int64_t leaf = items[3 * it], b = items[3 * it + 1], e = items[3 * it + 2];
+        const int64_t row0 = base + p.I + leaf * p.W;
+        int64_t i = b;
+        for (; i + 4 <= e; i += 4) leaf_tokens4<A>(p, order.data() + i, row0, scratch.data());
+        for (; i < e; ++i) {
+          const int64_t n = order[i];
+          leaf_token<A>(p, p.x + n * p.H, p.y + n * p.H, row0);
+        }
+      }
+    }
+  }
+}
+
+bool all_float_cpu(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& b_in,
+                   const at::Tensor& w_out) {
+  for (const at::Tensor* t : {&x, &w_in, &b_in, &w_out}) {
+    if (!t->device().is_cpu() || t->scalar_type() != at::kFloat) return false;
+  }
+  return true;
+}
+
+at::Tensor fff_forward_impl(const at::Tensor& x_, const at::Tensor& w_in_, const at::Tensor& b_in_,
+                            const at::Tensor& w_out_, int64_t trees, int64_t depth,
+                            int64_t leaf_width, std::string_view activation) {
+  const Act a = parse_act(activation);
+  TORCH_CHECK_VALUE(x_.dim() == 2, "fff: x must be 2-D (N, H), got ", x_.sizes());
+  TORCH_CHECK_VALUE(trees >= 1 && depth >= 0 && depth <= 30 && leaf_width >= 1,
+                    "fff: need trees >= 1, 0 <= depth <= 30, leaf_width >= 1");
+  const int64_t N = x_.size(0), H = x_.size(1);
+  const int64_t M = ((int64_t(1) << depth) - 1) + (int64_t(1) << depth) * leaf_width;
+  TORCH_CHECK_VALUE(w_in_.dim() == 2 && w_in_.size(0) == trees * M && w_in_.size(1) == H,
+                    "fff: w_in must be (", trees * M, ", ", H, "), got ", w_in_.sizes());
+  TORCH_CHECK_VALUE(w_out_.dim() == 2 && w_out_.size(0) == trees * M && w_out_.size(1) == H,
+                    "fff: w_out must be (", trees * M, ", ", H, "), got ", w_out_.sizes());
+  TORCH_CHECK_VALUE(b_in_.dim() == 1 && b_in_.size(0) == trees * M, "fff: b_in must be (",
+                    trees * M, ",), got ", b_in_.sizes());
+  TORCH_CHECK(all_float_cpu(x_, w_in_, b_in_, w_out_), "fff native kernel: float32 CPU tensors only");
+  const at::Tensor x = x_.contiguous(), w_in = w_in_.contiguous(), b_in = b_in_.contiguous(),
+                   w_out = w_out_.contiguous();
+  at::Tensor y = at::empty({N, H}, x.options());
+  if (N == 0 || H == 0) return y;
+  const int64_t I = (int64_t(1) << depth) - 1;
+  const Problem p{x.const_data_ptr<float>(), w_in.const_data_ptr<float>(), b_in.const_data_ptr<float>(),
+                  w_out.const_data_ptr<float>(), y.mutable_data_ptr<float>(),
+                  N, H, trees, depth, leaf_width, I, M};
+  auto run = [&] {
+    switch (a) {
+      case Act::Gelu: fff_all<Act::Gelu>(p); break;
+      case Act::GeluTanh: fff_all<Act::GeluTanh>(p); break;
+      case Act::Relu: fff_all<Act::Relu>(p); break;
+      case Act::Silu: fff_all<Act::Silu>(p); break;
+    }
+  };
+  if (PyGILState_Check()) {  // let other Python threads run while we compute
+    pybind11::gil_scoped_release no_gil;
+    run();
+  } else {
+    run();
+  }
+  return y;
+}
+
+// --- the CPU kernel of the ccli::fff op -----------------------------------------------------------
+// Registered with the dispatcher when this extension loads, so CPU calls of torch.ops.ccli.fff reach
+// C++ without a Python frame. ccli/kernels/fff.py decides the backend: when it selects anything but
+// this kernel (set_backend, or an unsupported dtype), calls go to its Python fallback instead.
+
+std::atomic<bool> g_native_enabled{false};
+pybind11::object* g_fallback = nullptr;  // intentionally leaked: must outlive interpreter shutdown
+
+at::Tensor fff_cpu_kernel(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& b_in,
+                          const at::Tensor& w_out, int64_t trees, int64_t depth, int64_t leaf_width,
+                          c10::string_view activation) {
+  if (g_native_enabled.load(std::memory_order_relaxed) && all_float_cpu(x, w_in, b_in, w_out)) {
+    return fff_forward_impl(x, w_in, b_in, w_out, trees, depth, leaf_width,
+                            std::string_view(activation.data(), activation.size()));
+  }
+  pybind11::gil_scoped_acquire gil;
+  TORCH_CHECK(g_fallback != nullptr, "ccli::fff: the native CPU kernel is loaded but no fallback is set");
+  pybind11::object out = (*g_fallback)(x, w_in, b_in, w_out, trees, depth, leaf_width,
+                                       std::string(activation.data(), activation.size()));
+  return out.cast<at::Tensor>();
+}
+
+void configure(bool native_enabled, pybind11::object fallback) {
+  if (!fallback.is_none()) {
+    if (g_fallback == nullptr) {
+      g_fallback = new pybind11::object(std::move(fallback));
+    } else {
+      *g_fallback = std::move(fallback);
+    }
+  }
+  g_native_enabled.store(native_enabled, std::memory_order_relaxed);
+}
+
+at::Tensor fff_forward(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& b_in,
+                       const at::Tensor& w_out, int64_t trees, int64_t depth, int64_t leaf_width,
+                       const std::string& activation) {
+  return fff_forward_impl(x, w_in, b_in, w_out, trees, depth, leaf_width, activation);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ccli, CPU, m) {
+  m.impl("fff", &fff_cpu_kernel);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "ccli native CPU kernel for fast feedforward (FFF) trees";
+  m.def("fff_forward", &fff_forward, "FFF forward (float32, CPU); no dispatcher");
+  m.def("configure", &configure, pybind11::arg("native_enabled"), pybind11::arg("fallback") = pybind11::none(),
+        "Enable/disable the dispatcher CPU kernel and set the Python fallback it calls when disabled");
+  m.def("native_enabled", [] { return g_native_enabled.load(); });
+}

@@ -1,0 +1,204 @@
+"""Triton kernel for fast feedforward (FFF) trees (see ccli/kernels/fff.py for the contract).
+
+One program per token: it keeps the token's x and its output y in BLOCK_H-wide registers (masked, so
+any H works), walks the `depth` internal nodes of each tree one row at a time, then evaluates the
+reached leaf in tiles of BLOCK_W neurons. Weights are read in their stored dtype and accumulated in fp32.
+
+triton is imported lazily: importing this module never needs it. Kernels are created on first use and
+cached per mode. With TRITON_INTERPRET=1 set before triton is first imported, the kernel runs in
+triton's CPU interpreter on CPU tensors (how the tests run it); otherwise it needs CUDA tensors.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+
+import torch
+
+_KERNELS: dict[bool, object] = {}
+_IMPORT_ERROR: str | None = None
+
+
+def triton_importable() -> bool:
+    """Whether triton can be imported (the result is cached)."""
+    global _IMPORT_ERROR
+    if _IMPORT_ERROR is None:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+
+            _IMPORT_ERROR = ""
+        except Exception as exc:  # ImportError, or a broken install
+            _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+    return _IMPORT_ERROR == ""
+
+
+def interpret_mode() -> bool:
+    """True when triton runs kernels in its CPU interpreter: TRITON_INTERPRET=1 is set now and was set
+    when triton was first imported (triton.language's own helpers are built in that mode at import)."""
+    if os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("1", "true", "on", "yes"):
+        return False
+    if not triton_importable():
+        return False
+    import triton.language as tl
+
+    return type(tl.zeros).__name__ == "InterpretedFunction"
+
+
+def supports(device: torch.device | str) -> bool:
+    """Whether the triton backend can run on tensors of `device`."""
+    device = torch.device(device)
+    if not triton_importable():
+        return False
+    if device.type == "cuda":
+        return torch.cuda.is_available()
+    return device.type == "cpu" and interpret_mode()
+
+
+# --- kernel sources ---------------------------------------------------------------------------------
+# Plain functions; `_build_kernel` binds them to a fresh namespace holding `tl` and the jit'd helper,
+# then decorates them with triton.jit (which reads TRITON_INTERPRET at decoration time).
+
+
+def _act_src(z, ACT: tl.constexpr):  # noqa: F821
+    if ACT == "gelu":
+        out = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))  # noqa: F821
+    elif ACT == "relu":
+        out = tl.maximum(z, 0.0)  # noqa: F821
+    else:
+        # silu: z * sigmoid(z); gelu_tanh: 0.5 z (1 + tanh(u)) == z * sigmoid(2u). Overflow-free sigmoid.
+        if ACT == "gelu_tanh":
+            v = 1.5957691216057308 * (z + 0.044715 * z * z * z)
+        else:
+            v = z
+        e = tl.exp(-tl.abs(v))  # noqa: F821
+        out = z * tl.where(v >= 0, 1.0 / (1.0 + e), e / (1.0 + e))  # noqa: F821
+    return out
+
+
+def _fff_kernel_src(
+    x_ptr,
+    w_in_ptr,
+    b_in_ptr,
+    w_out_ptr,
+    y_ptr,
+    H,
+    stride_x,
+    stride_y,
+    TREES,
+    DEPTH,
+    LEAF_WIDTH,
+    ROWS_PER_TREE,
+    N_INTERNAL,
+    ACT: tl.constexpr,  # noqa: F821
+    BLOCK_H: tl.constexpr,  # noqa: F821
+    BLOCK_W: tl.constexpr,  # noqa: F821
+):
+    pid = tl.program_id(0).to(tl.int64)  # noqa: F821
+    offs_h = tl.arange(0, BLOCK_H)  # noqa: F821
+    mask_h = offs_h < H
+    offs_w = tl.arange(0, BLOCK_W)  # noqa: F821
+    x = tl.load(x_ptr + pid * stride_x + offs_h, mask=mask_h, other=0.0).to(tl.float32)  # noqa: F821
+    acc = tl.zeros([BLOCK_H], dtype=tl.float32)  # noqa: F821
+    zero64 = tl.full([], 0, tl.int64)  # noqa: F821
+    for k in range(0, TREES):
+        base = zero64 + k * ROWS_PER_TREE
+        node = zero64
+        for _level in range(0, DEPTH):
+            row = base + node
+            w = tl.load(w_in_ptr + row * H + offs_h, mask=mask_h, other=0.0).to(tl.float32)  # noqa: F821
+            z = tl.sum(w * x, axis=0) + tl.load(b_in_ptr + row).to(tl.float32)  # noqa: F821
+            a = _act(z, ACT)  # noqa: F821
+            wo = tl.load(w_out_ptr + row * H + offs_h, mask=mask_h, other=0.0).to(tl.float32)  # noqa: F821
+            acc += a * wo
+            node = 2 * node + 1 + (z >= 0).to(tl.int64)  # noqa: F821
+        row0 = base + N_INTERNAL + (node - N_INTERNAL) * LEAF_WIDTH
+        for j in range(0, LEAF_WIDTH, BLOCK_W):
+            rw = j + offs_w
+            mask_w = rw < LEAF_WIDTH
+            rows = row0 + rw
+            mask = mask_w[:, None] & mask_h[None, :]
+            offs = rows[:, None] * H + offs_h[None, :]
+            wt = tl.load(w_in_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # noqa: F821
+            bias = tl.load(b_in_ptr + rows, mask=mask_w, other=0.0).to(tl.float32)  # noqa: F821
+            z = tl.sum(wt * x[None, :], axis=1) + bias
+            a = tl.where(mask_w, _act(z, ACT), 0.0)  # noqa: F821
+            wo = tl.load(w_out_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # noqa: F821
+            acc += tl.sum(a[:, None] * wo, axis=0)  # noqa: F821
+    tl.store(y_ptr + pid * stride_y + offs_h, acc.to(y_ptr.dtype.element_ty), mask=mask_h)  # noqa: F821
+
+
+def _build_kernel():
+    import triton
+    import triton.language as tl
+
+    ns = {"__name__": __name__, "tl": tl, "triton": triton}
+    act = types.FunctionType(_act_src.__code__, ns, "_act_src")
+    ns["_act"] = triton.jit(act)
+    kernel = types.FunctionType(_fff_kernel_src.__code__, ns, "_fff_kernel_src")
+    return triton.jit(kernel)
+
+
+def _kernel():
+    mode = interpret_mode()
+    kernel = _KERNELS.get(mode)
+    if kernel is None:
+        kernel = _KERNELS[mode] = _build_kernel()
+    return kernel
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def fff_triton(
+    x: torch.Tensor,
+    w_in: torch.Tensor,
+    b_in: torch.Tensor,
+    w_out: torch.Tensor,
+    trees: int,
+    depth: int,
+    leaf_width: int,
+    activation: str,
+) -> torch.Tensor:
+    """FFF forward with the Triton kernel; x is (N, H). Arguments are validated by the caller."""
+    if not triton_importable():
+        raise RuntimeError(f"triton backend unavailable: {_IMPORT_ERROR}")
+    n_tokens, hidden = x.shape
+    n_internal = (1 << depth) - 1
+    rows_per_tree = n_internal + (n_internal + 1) * leaf_width
+    y = torch.empty((n_tokens, hidden), dtype=x.dtype, device=x.device)
+    if n_tokens == 0:
+        return y
+    if hidden == 0:
+        return y
+    x = x.contiguous()
+    w_in = w_in.contiguous()
+    b_in = b_in.contiguous()
+    w_out = w_out.contiguous()
+    block_h = _next_pow2(hidden)
+    # A BLOCK_W x BLOCK_H tile of weights lives in registers: keep it around 4K elements.
+    block_w = max(1, min(_next_pow2(leaf_width), max(1, 4096 // block_h)))
+    num_warps = 8 if block_h >= 2048 else 4 if block_h >= 256 else 2 if block_h >= 64 else 1
+    _kernel()[(n_tokens,)](
+        x,
+        w_in,
+        b_in,
+        w_out,
+        y,
+        hidden,
+        x.stride(0),
+        y.stride(0),
+        trees,
+        depth,
+        leaf_width,
+        rows_per_tree,
+        n_internal,
+        ACT=activation,
+        BLOCK_H=block_h,
+        BLOCK_W=block_w,
+        num_warps=num_warps,
+        enable_fp_fusion=True,  # explicit (triton 3.9 warns when it is left to its default)
+    )
+    return y

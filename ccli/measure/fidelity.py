@@ -1,0 +1,109 @@
+"""How closely a converted model still follows the original, on held-out text.
+
+- per-layer FFN relative error: ||f_student(x) - f_teacher(x)||^2 / ||f_teacher(x) - mean||^2 on the
+  student's own FFN inputs (the error each converted layer adds where it sits);
+- final hidden-state cosine, mean over real tokens;
+- pooled-embedding cosine (mean pooling over the attention mask, what sentence embedders use) and
+  top-1 retrieval agreement: the first half of each held-out paragraph queries the second halves of
+  all of them; agreement is how often the student's top-1 document is the teacher's, and each
+  model's own top-1 accuracy (the matching paragraph) is reported too;
+- for models with an LM head: KL(teacher || student) of next-token distributions and both
+  perplexities.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..arch import view
+from ..distill import relative_error
+from ..variants.base import DenseFFN
+
+
+def _halves(paragraphs: list[str]) -> tuple[list[str], list[str]]:
+    queries, docs = [], []
+    for p in paragraphs:
+        words = p.split()
+        if len(words) < 8:
+            continue
+        cut = len(words) // 2
+        queries.append(" ".join(words[:cut]))
+        docs.append(" ".join(words[cut:]))
+    return queries, docs
+
+
+def _encode(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 32):
+    """Mean-pooled normalised embeddings (n, H) and the per-batch outputs."""
+    pooled, outputs = [], []
+    with torch.inference_mode():
+        for start in range(0, len(texts), batch_size):
+            enc = tokenizer(texts[start : start + batch_size], truncation=True, max_length=max_length,
+                            padding=True, return_tensors="pt")
+            out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], output_hidden_states=True)
+            hidden = out.hidden_states[-1]
+            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled.append(nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp_min(1), dim=-1))
+            outputs.append((enc, hidden, getattr(out, "logits", None)))
+    return torch.cat(pooled), outputs
+
+
+def ffn_errors(student: nn.Module, teacher_ffns: dict[int, DenseFFN], batches: list[dict], tokens: int = 8192) -> dict[int, float]:
+    """Relative error of each converted FFN against its dense teacher, on the student's inputs."""
+    from ..distill import collect_ffn_inputs
+
+    arch = view(student)
+    errors = {}
+    for i, dense in teacher_ffns.items():
+        ffn = arch.blocks[i].ffn
+        if ffn.replaced is None:
+            continue
+        x = collect_ffn_inputs(student, arch, i, batches, tokens)
+        with torch.inference_mode():
+            errors[i] = round(relative_error(ffn.replaced(x), dense(x)).item(), 5)
+    return errors
+
+
+def compare(student: nn.Module, teacher: nn.Module, tokenizer, paragraphs: list[str], max_length: int = 128) -> dict:
+    """Fidelity of `student` to `teacher` on `paragraphs` (see module doc)."""
+    queries, docs = _halves(paragraphs)
+    if len(queries) < 2:
+        from ..errors import CcliError
+
+        raise CcliError("fidelity needs at least two held-out paragraphs of 8 or more words")
+    t_query, t_out = _encode(teacher, tokenizer, queries, max_length)
+    s_query, s_out = _encode(student, tokenizer, queries, max_length)
+    t_docs, _ = _encode(teacher, tokenizer, docs, max_length)
+    s_docs, _ = _encode(student, tokenizer, docs, max_length)
+
+    cos_tokens, kl_sum, nll_t, nll_s, lm_tokens = [], 0.0, 0.0, 0.0, 0
+    for (enc, t_hidden, t_logits), (_, s_hidden, s_logits) in zip(t_out, s_out):
+        real = enc["attention_mask"].bool()
+        cos_tokens.append(nn.functional.cosine_similarity(t_hidden[real], s_hidden[real], dim=-1))
+        if t_logits is not None:
+            shift = real[:, 1:]
+            target = enc["input_ids"][:, 1:][shift]
+            t_logp = torch.log_softmax(t_logits[:, :-1][shift].float(), -1)
+            s_logp = torch.log_softmax(s_logits[:, :-1][shift].float(), -1)
+            kl_sum += (t_logp.exp() * (t_logp - s_logp)).sum().item()
+            nll_t -= t_logp.gather(1, target[:, None]).sum().item()
+            nll_s -= s_logp.gather(1, target[:, None]).sum().item()
+            lm_tokens += target.numel()
+
+    t_top = (t_query @ t_docs.T).argmax(1)
+    s_top = (s_query @ s_docs.T).argmax(1)
+    truth = torch.arange(len(queries))
+    result = {
+        "paragraphs": len(queries),
+        "hidden_cosine": round(torch.cat(cos_tokens).mean().item(), 5),
+        "embedding_cosine": round(nn.functional.cosine_similarity(t_query, s_query, dim=-1).mean().item(), 5),
+        "embedding_cosine_min": round(nn.functional.cosine_similarity(t_query, s_query, dim=-1).min().item(), 5),
+        "retrieval_agreement": round((t_top == s_top).float().mean().item(), 5),
+        "retrieval_top1_teacher": round((t_top == truth).float().mean().item(), 5),
+        "retrieval_top1_student": round((s_top == truth).float().mean().item(), 5),
+    }
+    if lm_tokens:
+        result["kl"] = round(kl_sum / lm_tokens, 6)
+        result["perplexity_teacher"] = round(float(torch.tensor(nll_t / lm_tokens).exp()), 4)
+        result["perplexity_student"] = round(float(torch.tensor(nll_s / lm_tokens).exp()), 4)
+    return result

@@ -1,0 +1,96 @@
+"""YAML recipes: a conversion written down so it can be repeated (`ccli convert --recipe FILE`).
+
+    model: minilm                 # optional; the command line's MODEL wins when given
+    data: bundled                 # optional; bundled, a .txt/.jsonl file or hf:NAME
+    convert:                      # a list: variants compose in order
+      - to: fff
+        trees: 1
+        depth: 3
+        leaf_width: 48
+    distill:                      # optional; any DistillConfig field
+      steps: 300
+      e2e_steps: 200
+
+Every key is checked: a misspelt or misplaced key is a one-line error that names it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import fields
+from pathlib import Path
+
+import yaml
+
+from .distill import DistillConfig
+from .errors import CcliError
+
+TOP_LEVEL = {"model", "data", "convert", "distill", "description"}
+
+
+def _variant_params(family) -> dict[str, type]:
+    signature = inspect.signature(family.__init__)
+    return {n: p.annotation for n, p in signature.parameters.items() if n != "self"}
+
+
+def load_recipe(path: str | Path) -> dict:
+    """Parse and validate a recipe; returns {'model', 'data', 'convert': [{'to', **params}], 'distill': {...}}."""
+    from .variants import FAMILIES
+
+    path = Path(path)
+    where = f"recipe {path}"
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise CcliError(f"{where}: no such file") from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark else ""
+        raise CcliError(f"{where}: not valid YAML{at}") from exc
+    if not isinstance(raw, dict):
+        raise CcliError(f"{where}: the top level must be a mapping with keys {', '.join(sorted(TOP_LEVEL))}")
+    for key in raw:
+        if key not in TOP_LEVEL:
+            raise CcliError(f"{where}: unknown key '{key}' (allowed: {', '.join(sorted(TOP_LEVEL))})")
+    for key in ("model", "data", "description"):
+        if key in raw and not isinstance(raw[key], str):
+            raise CcliError(f"{where}: '{key}' must be a string")
+
+    steps = raw.get("convert")
+    if not isinstance(steps, list) or not steps:
+        raise CcliError(f"{where}: 'convert' must be a non-empty list of variants, e.g. [{{to: fff, depth: 3}}]")
+    convert = []
+    for n, step in enumerate(steps):
+        if not isinstance(step, dict) or "to" not in step:
+            raise CcliError(f"{where}: convert[{n}] must be a mapping with a 'to' key")
+        family = FAMILIES.get(step["to"])
+        if family is None:
+            raise CcliError(f"{where}: convert[{n}].to '{step['to']}' is not a variant family ({', '.join(FAMILIES)})")
+        allowed = _variant_params(family)
+        for key, value in step.items():
+            if key == "to":
+                continue
+            if key not in allowed:
+                raise CcliError(f"{where}: unknown key 'convert[{n}].{key}' for {step['to']} (allowed: {', '.join(allowed)})")
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise CcliError(f"{where}: 'convert[{n}].{key}' must be an integer (got {value!r})")
+        convert.append(dict(step))
+
+    distill = raw.get("distill") or {}
+    if not isinstance(distill, dict):
+        raise CcliError(f"{where}: 'distill' must be a mapping")
+    known = {f.name: f for f in fields(DistillConfig)}
+    for key, value in distill.items():
+        if key not in known:
+            raise CcliError(f"{where}: unknown key 'distill.{key}' (allowed: {', '.join(known)})")
+        expected = float if key in ("lr", "e2e_lr") else (list if key == "layers" else int)
+        if expected is float and isinstance(value, str):
+            try:
+                value = float(value)  # YAML 1.1 reads 1e-3 as a string
+            except ValueError:
+                pass
+            distill[key] = value
+        ok = isinstance(value, (int, float)) if expected is float else isinstance(value, expected)
+        if not ok or isinstance(value, bool):
+            raise CcliError(f"{where}: 'distill.{key}' must be {'a number' if expected is float else 'a list' if expected is list else 'an integer'} (got {value!r})")
+    return {"model": raw.get("model"), "data": raw.get("data"), "convert": convert, "distill": distill}

@@ -1,0 +1,11 @@
+"""Variant families: each module says how its conditional layer is built from the dense part, how it
+is rebuilt empty for reloading, and what it trains on. `FAMILIES` maps `--to NAME` to the family."""
+
+from __future__ import annotations
+
+from .base import FFNVariant
+from .fff import FFFVariant
+
+FAMILIES: dict[str, type[FFNVariant]] = {"fff": FFFVariant}
+
+__all__ = ["FAMILIES", "FFNVariant"]

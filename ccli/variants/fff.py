@@ -1,0 +1,251 @@
+"""Fast feedforward trees (UltraFastBERT, Belcak & Wattenhofer 2023), built from a dense FFN.
+
+A layer holds K trees of depth D. Each internal node is one neuron (input row, activation, output
+row) whose pre-activation sign routes the token to child 2n+1 (negative) or 2n+2 (zero or positive);
+every node on the path adds its output. A leaf holds W neurons (W = 1 is exactly UltraFastBERT:
+depth 11 visits 12 of 4095 neurons). The trees' outputs are summed, plus the dense FFN's output bias.
+
+Weights keep UltraFastBERT's layout: `linear_in` (K*M, H) with bias and `linear_out` (H, K*M)
+without bias, where M = 2^D - 1 + 2^D * W and node n of tree k is row k*M + n, so a published
+UltraFastBERT layer loads unchanged (`FFF.from_ultrafastbert`).
+
+Inference always runs hard routing through the CMM kernel (ccli.kernels.fff). Training uses the
+same hard routes on a masked dense computation, so gradients reach exactly the neurons a token uses.
+
+Conversion from a dense FFN (`FFFVariant.init_from_dense`), in the spirit of MoEfication:
+1. with several trees, the dense neurons are split into one group per tree by co-activation;
+2. each tree is grown from the tokens down: a node splits the tokens reaching it into balanced
+   halves of similar activation patterns and fits a logistic router to that split (tokens then
+   follow the fitted router, so each router learns what it will see at inference); node neurons
+   start with zero output;
+3. each leaf keeps, with their exact dense weights, the W neurons that matter most to the tokens
+   arriving there (leaves may share neurons);
+4. the distillation engine then trains everything against the dense FFN's outputs.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..errors import CcliError
+from .base import DenseFFN, FFNVariant, apply_activation
+
+
+def neurons_per_tree(depth: int, leaf_width: int) -> int:
+    return 2**depth - 1 + 2**depth * leaf_width
+
+
+class FFF(nn.Module):
+    """K fast feedforward trees of depth D with leaves of W neurons (see module doc)."""
+
+    is_ccli_ffn = True
+
+    def __init__(self, hidden_size: int, trees: int = 1, depth: int = 11, leaf_width: int = 1,
+                 activation: str = "gelu", output_bias: bool = True):
+        super().__init__()
+        if trees < 1 or depth < 0 or leaf_width < 1:
+            raise CcliError(f"FFF needs trees >= 1, depth >= 0 and leaf width >= 1 (got {trees}, {depth}, {leaf_width})")
+        if depth > 20:
+            raise CcliError(f"FFF depth {depth} is too deep (2^{depth} leaves); use depth <= 20")
+        self.hidden_size, self.trees, self.depth, self.leaf_width = hidden_size, trees, depth, leaf_width
+        self.activation = activation
+        self.per_tree = neurons_per_tree(depth, leaf_width)
+        self.linear_in = nn.Linear(hidden_size, trees * self.per_tree, bias=True)
+        self.linear_out = nn.Linear(trees * self.per_tree, hidden_size, bias=False)
+        self.output_bias = nn.Parameter(torch.zeros(hidden_size)) if output_bias else None
+        self._rows_cache: tuple | None = None
+
+    @property
+    def width(self) -> int:
+        """Neurons computed per token: the quantity that replaces the dense FFN's width."""
+        return self.trees * (self.depth + self.leaf_width)
+
+    def extra_repr(self) -> str:
+        return (f"hidden={self.hidden_size}, trees={self.trees}, depth={self.depth}, leaf_width={self.leaf_width}, "
+                f"activation={self.activation}, neurons/token={self.width} of {self.trees * self.per_tree}")
+
+    @classmethod
+    def from_ultrafastbert(cls, linear_in_weight, linear_in_bias, linear_out_weight, *, trees: int, depth: int,
+                           activation: str = "gelu") -> "FFF":
+        """A layer holding an UltraFastBERT FFF's weights, unchanged (its depth D = 2^(D+1)-1 nodes per tree)."""
+        layer = cls(linear_in_weight.shape[1], trees, depth, 1, activation, output_bias=False)
+        layer.load_state_dict({"linear_in.weight": linear_in_weight, "linear_in.bias": linear_in_bias,
+                               "linear_out.weight": linear_out_weight})
+        return layer
+
+    # -- routing -------------------------------------------------------------------------------
+    def route_mask(self, z: torch.Tensor) -> torch.Tensor:
+        """0/1 mask (tokens, K*M) of the neurons each token visits, from pre-activations z (tokens, K*M)."""
+        tokens = z.shape[0]
+        k, m, d, w = self.trees, self.per_tree, self.depth, self.leaf_width
+        zt = z.detach().view(tokens, k, m)
+        mask = torch.zeros(tokens, k, m, dtype=z.dtype, device=z.device)
+        node = torch.zeros(tokens, k, 1, dtype=torch.long, device=z.device)
+        for _ in range(d):
+            mask.scatter_(2, node, 1.0)
+            node = 2 * node + 1 + (zt.gather(2, node) >= 0).long()
+        leaf = node - (2**d - 1)
+        leaf_rows = (2**d - 1) + leaf * w + torch.arange(w, device=z.device)
+        mask.scatter_(2, leaf_rows, 1.0)
+        return mask.view(tokens, k * m)
+
+    def routed_activations(self, x2d: torch.Tensor) -> torch.Tensor:
+        """act(z) on the visited neurons, 0 elsewhere: (tokens, K*M). Dense cost; for training and stats."""
+        z = self.linear_in(x2d)
+        return apply_activation(z, self.activation) * self.route_mask(z)
+
+    def neuron_counts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(computed, positive) neurons per token, measured from the actual routing."""
+        with torch.no_grad():
+            x2d = x.reshape(-1, self.hidden_size)
+            z = self.linear_in(x2d)
+            mask = self.route_mask(z).bool()
+            positive = ((apply_activation(z, self.activation) > 0) & mask).sum(-1)
+            computed = mask.sum(-1)
+        return computed, positive
+
+    # -- forward -------------------------------------------------------------------------------
+    def _output_rows(self) -> torch.Tensor:
+        """linear_out's weight as contiguous rows (K*M, H), the kernel's layout, cached while unchanged."""
+        weight = self.linear_out.weight
+        key = (weight.data_ptr(), weight._version, weight.device)
+        if self._rows_cache is None or self._rows_cache[0] != key:
+            self._rows_cache = (key, weight.detach().t().contiguous())
+        return self._rows_cache[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and self.training:
+            y = self.linear_out(self.routed_activations(x.reshape(-1, self.hidden_size))).view_as(x)
+        else:
+            from ..kernels.fff import fff
+
+            y = fff(x, self.linear_in.weight, self.linear_in.bias, self._output_rows(),
+                    self.trees, self.depth, self.leaf_width, self.activation)
+        return y if self.output_bias is None else y + self.output_bias
+
+
+# -- conversion from a dense FFN ------------------------------------------------------------------
+
+
+def _principal_split(patterns: torch.Tensor) -> torch.Tensor:
+    """Balanced 0/1 labels for rows of `patterns`: which side of the median they fall along the
+    principal direction (rows that look alike land together)."""
+    if patterns.shape[0] < 4:
+        return (torch.arange(patterns.shape[0]) % 2).float()
+    centred = patterns - patterns.mean(0, keepdim=True)
+    try:
+        _, _, v = torch.svd_lowrank(centred, q=2, niter=4)  # only the principal direction is needed
+        score = centred @ v[:, 0]
+    except RuntimeError:  # degenerate patterns
+        score = torch.arange(patterns.shape[0], dtype=patterns.dtype)
+    return (score > score.median()).float()
+
+
+def _fit_level(xs: torch.Tensor, node: torch.Tensor, labels: torch.Tensor, nodes: int, steps: int, lr: float):
+    """Logistic regression for every node of one level at once; token t trains only its node[t]."""
+    w = torch.zeros(nodes, xs.shape[1], requires_grad=True)
+    b = torch.zeros(nodes, requires_grad=True)
+    optimizer = torch.optim.Adam([w, b], lr=lr)
+    for _ in range(steps):
+        logits = (xs * w[node]).sum(-1) + b[node]
+        loss = nn.functional.binary_cross_entropy_with_logits(logits, labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    w, b = w.detach(), b.detach()
+    return w, b, ((xs * w[node]).sum(-1) + b[node] >= 0).long()
+
+
+def _grow_tree(x: torch.Tensor, contribution: torch.Tensor, depth: int, leaf_width: int,
+               steps: int = 100, lr: float = 0.1):
+    """Grow one tree from the tokens down.
+
+    Each node splits the tokens that reach it into two balanced halves along the principal direction
+    of their activation-contribution patterns (tokens that use the same neurons stay together) and
+    fits a logistic router to that split; tokens then follow the router's own hard decisions, so each
+    router learns the distribution it will see at inference. Each leaf keeps the `leaf_width` dense
+    neurons that contribute most, on average, to the tokens that arrive there (leaves may share
+    neurons). Returns (router weights (2^D - 1, H), biases (2^D - 1), leaf neurons (2^D, W))."""
+    tokens, hidden = x.shape
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-6)
+    xs = (x - mean) / std
+    patterns = nn.functional.normalize(contribution, dim=1)
+    node = torch.zeros(tokens, dtype=torch.long)
+    weights, biases = [], []
+    for level in range(depth):
+        labels = torch.zeros(tokens)
+        for n in range(2**level):
+            members = (node == n).nonzero().squeeze(1)
+            if members.numel():
+                labels[members] = _principal_split(patterns[members])
+        w, b, go_right = _fit_level(xs, node, labels, 2**level, steps, lr)
+        weights.append(w)
+        biases.append(b)
+        node = 2 * node + go_right
+    overall = contribution.mean(0)
+    leaves = torch.empty(2**depth, leaf_width, dtype=torch.long)
+    for j in range(2**depth):
+        members = node == j
+        importance = contribution[members].mean(0) if members.sum() >= 8 else overall
+        leaves[j] = torch.topk(importance, min(leaf_width, importance.numel())).indices.repeat(
+            (leaf_width + importance.numel() - 1) // importance.numel())[:leaf_width]
+    if depth == 0:
+        return torch.zeros(0, hidden), torch.zeros(0), leaves
+    w = torch.cat(weights)
+    b = torch.cat(biases)
+    # undo the standardisation: w.(x - mean)/std + b = (w/std).x + (b - w.(mean/std))
+    return w / std, b - (w * (mean / std)).sum(-1), leaves
+
+
+def _neuron_groups(contribution: torch.Tensor, trees: int) -> list[torch.Tensor]:
+    """Split the dense neurons into `trees` groups of neurons that fire on the same tokens, one per tree."""
+    if trees == 1:
+        return [torch.arange(contribution.shape[1])]
+    patterns = nn.functional.normalize(contribution.t(), dim=1)  # neurons x tokens
+    centred = patterns - patterns.mean(0, keepdim=True)
+    _, _, v = torch.svd_lowrank(centred, q=2, niter=4)
+    order = torch.argsort(centred @ v[:, 0])
+    return list(torch.tensor_split(order, trees))
+
+
+class FFFVariant(FFNVariant):
+    name = "fff"
+
+    def __init__(self, trees: int = 1, depth: int = 3, leaf_width: int = 1):
+        for key, value, low in (("trees", trees, 1), ("depth", depth, 0), ("leaf_width", leaf_width, 1)):
+            if not isinstance(value, int) or value < low:
+                raise CcliError(f"fff: {key.replace('_', '-')} must be an integer >= {low} (got {value!r})")
+        if depth > 20:
+            raise CcliError(f"fff: depth {depth} is too deep (2^{depth} leaves); use depth <= 20")
+        super().__init__(trees=trees, depth=depth, leaf_width=leaf_width)
+
+    @classmethod
+    def skeleton(cls, hidden_size: int, spec: dict) -> FFF:
+        return FFF(hidden_size, spec["trees"], spec["depth"], spec["leaf_width"], spec["activation"])
+
+    def init_from_dense(self, dense: DenseFFN, x: torch.Tensor, seed: int) -> FFF:
+        trees, depth, leaf_width = self.params["trees"], self.params["depth"], self.params["leaf_width"]
+        torch.manual_seed(seed)
+        layer = FFF(dense.hidden_size, trees, depth, leaf_width, dense.activation)
+        with torch.no_grad():
+            # how much each dense neuron moves each token's output: |activation| x |output column|
+            contribution = dense.activations(x).abs() * dense.w_out.norm(dim=0)
+        internal = 2**depth - 1
+        w_in = layer.linear_in.weight.data.view(trees, layer.per_tree, -1)
+        b_in = layer.linear_in.bias.data.view(trees, layer.per_tree)
+        w_out = layer.linear_out.weight.data.view(-1, trees, layer.per_tree)
+        for k, group in enumerate(_neuron_groups(contribution, trees)):
+            router_w, router_b, leaves = _grow_tree(x, contribution[:, group], depth, leaf_width)
+            chosen = group[leaves.reshape(-1)]  # dense neuron for every leaf slot of this tree
+            w_in[k, :internal] = router_w
+            b_in[k, :internal] = router_b
+            w_out[:, k, :internal] = 0.0  # node neurons start silent; distillation gives them a voice
+            w_in[k, internal:] = dense.w_in[chosen]
+            b_in[k, internal:] = dense.b_in[chosen] if dense.b_in is not None else 0.0
+            w_out[:, k, internal:] = dense.w_out[:, chosen]
+        if layer.output_bias is not None and dense.b_out is not None:
+            layer.output_bias.data.copy_(dense.b_out)
+        return layer

@@ -1,0 +1,104 @@
+"""Conversion of the default model with a tiny budget: it improves on the un-distilled
+initialisation, saves, reloads to bit-identical outputs, resumes after an interruption, and the
+saved directory works with profile, bench and eval."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import ccli
+from ccli import distill as distill_module
+from ccli.cli import app
+from ccli.conversion import convert
+from ccli.errors import CcliError
+
+pytestmark = pytest.mark.slow
+BUDGET = dict(to="fff", params={"trees": 1, "depth": 2, "leaf_width": 96}, tokens=2048, batch_tokens=512,
+              heldout_paragraphs=48, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("conv") / "fff"
+    init_only = convert("minilm", steps=0, **BUDGET)
+    trained = convert("minilm", steps=60, e2e_steps=0, out=str(out), **BUDGET)
+    return init_only, trained, out
+
+
+def test_distillation_improves_on_the_initialisation(converted):
+    init_only, trained, _ = converted
+    assert trained["fidelity"]["embedding_cosine"] > init_only["fidelity"]["embedding_cosine"]
+    for layer in trained["layers"]:
+        assert layer["final_rel_error"] < layer["init_rel_error"]
+    assert trained["ffn_flops_reduction"] == pytest.approx(1536 / (2 + 96), rel=0.01)
+
+
+def test_saved_model_reloads_to_identical_outputs(converted):
+    _, trained, out = converted
+    manifest = json.loads((out / "ccli.json").read_text())
+    assert manifest["base_model"] == "minilm" and set(manifest["layers"]) == {str(i) for i in range(6)}
+    model, tokenizer = ccli.load(str(out))
+    again, _ = ccli.load(str(out))
+    enc = tokenizer(["Saving must not change a single bit."], return_tensors="pt")
+    with torch.inference_mode():
+        assert torch.equal(model(**enc).last_hidden_state, again(**enc).last_hidden_state)
+
+
+def test_the_saved_directory_works_with_every_command(converted):
+    _, _, out = converted
+    runner = CliRunner()
+    result = runner.invoke(app, ["profile", str(out), "--seq", "32", "--json"])
+    assert result.exit_code == 0, result.output
+    (record,) = json.loads(result.stdout)
+    assert record["flops_by_component"]["ffn"] == 6 * 2 * 2 * 384 * (2 + 96)
+    assert record["active_neurons"][0]["computed"] == 98
+    result = runner.invoke(app, ["bench", str(out), "--seq", "16", "--min-time", "0.05", "--json"])
+    assert result.exit_code == 0, result.output
+    variants = [r["variant"] for r in json.loads(result.stdout)]
+    assert variants[0] == "dense" and variants[1].startswith("fff") and "ffn-removed" in variants
+    result = runner.invoke(app, ["eval", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    assert 0 < json.loads(result.stdout)[0]["fidelity"]["embedding_cosine"] <= 1
+
+
+def test_existing_output_is_never_overwritten_silently(converted):
+    _, _, out = converted
+    with pytest.raises(CcliError, match="already exists"):
+        convert("minilm", steps=0, out=str(out), **BUDGET)
+
+
+def test_resume_after_an_interruption_gives_the_same_model(tmp_path, monkeypatch):
+    options = dict(BUDGET, steps=5, layers=[0, 1, 2], evaluate_fidelity=False)
+    straight = convert("minilm", out=str(tmp_path / "a"), **options)
+    original_fit = distill_module.fit_layer
+    calls = {"n": 0}
+
+    def interrupted_fit(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original_fit(*args, **kwargs)
+
+    monkeypatch.setattr(distill_module, "fit_layer", interrupted_fit)
+    with pytest.raises(KeyboardInterrupt):
+        convert("minilm", out=str(tmp_path / "b"), **options)
+    assert not (tmp_path / "b").exists()  # nothing half-written
+    monkeypatch.setattr(distill_module, "fit_layer", original_fit)
+    convert("minilm", out=str(tmp_path / "b"), resume=True, **options)
+    a, _ = ccli.load(str(tmp_path / "a"))
+    b, _ = ccli.load(str(tmp_path / "b"))
+    for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(pa, pb), name
+    assert straight["layers"][0]["final_rel_error"] > 0
+
+
+def test_convert_cli_errors():
+    runner = CliRunner()
+    result = runner.invoke(app, ["convert", "--to", "fff", "--resume"])
+    assert result.exit_code == 2 and "--resume needs --out" in result.stderr
+    result = runner.invoke(app, ["convert", "--to", "fff", "--depth", "-1"])
+    assert result.exit_code == 2 and "depth must be an integer >= 0" in result.stderr
+    result = runner.invoke(app, ["eval", "minilm"])
+    assert result.exit_code == 2 and "not a converted ccli model" in result.stderr

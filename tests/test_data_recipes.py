@@ -1,0 +1,77 @@
+import json
+
+import pytest
+
+from ccli.data import is_heldout, load_paragraphs
+from ccli.errors import CcliError
+from ccli.recipes import load_recipe
+
+
+def test_bundled_split_is_fixed_and_disjoint():
+    train, heldout = load_paragraphs(None, "train"), load_paragraphs(None, "heldout")
+    assert len(train) > 3000 and len(heldout) > 300
+    assert not set(train) & set(heldout)
+    assert all(is_heldout(p) for p in heldout)
+    assert load_paragraphs("bundled", "heldout") == heldout  # same every time
+
+
+def test_text_and_jsonl_files(tmp_path):
+    txt = tmp_path / "a.txt"
+    txt.write_text("First paragraph\nstill first.\n\nSecond one.\n")
+    assert load_paragraphs(str(txt), "all") == ["First paragraph still first.", "Second one."]
+    jsonl = tmp_path / "b.jsonl"
+    jsonl.write_text(json.dumps({"text": "hello there"}) + "\n" + json.dumps({"text": "general kenobi"}) + "\n")
+    assert load_paragraphs(str(jsonl), "all") == ["hello there", "general kenobi"]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json\n", "not valid JSON"),
+    ('{"txt": "x"}\n', "needs a string field 'text'"),
+])
+def test_bad_jsonl(tmp_path, content, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(CcliError, match=message):
+        load_paragraphs(str(path), "all")
+
+
+def test_missing_data_file():
+    with pytest.raises(CcliError, match="no such file"):
+        load_paragraphs("/nope/x.txt")
+
+
+def _recipe(tmp_path, text):
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_shipped_recipes_are_valid():
+    from pathlib import Path
+
+    recipes = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+    assert any(r.name == "fff-minilm.yaml" for r in recipes)
+    for path in recipes:
+        recipe = load_recipe(path)
+        assert recipe["convert"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("convert: [{to: fff, dept: 3}]", "unknown key 'convert\\[0\\].dept'"),
+    ("convert: [{to: fff}]\ndistil: {steps: 3}", "unknown key 'distil'"),
+    ("convert: [{to: fff}]\ndistill: {stepz: 3}", "unknown key 'distill.stepz'"),
+    ("convert: [{to: fff, depth: three}]", "'convert\\[0\\].depth' must be an integer"),
+    ("convert: [{to: moo}]", "is not a variant family"),
+    ("convert: []", "non-empty list"),
+    ("convert: [{to: fff}]\ndistill: {lr: fast}", "'distill.lr' must be a number"),
+    ("- just\n- a list", "top level must be a mapping"),
+    ("convert: [{to: fff\n", "not valid YAML"),
+])
+def test_malformed_recipes_name_the_bad_key(tmp_path, text, message):
+    with pytest.raises(CcliError, match=message):
+        load_recipe(_recipe(tmp_path, text))
+
+
+def test_recipe_reads_scientific_notation(tmp_path):
+    recipe = load_recipe(_recipe(tmp_path, "convert: [{to: fff, depth: 2}]\ndistill: {lr: 1e-3}"))
+    assert recipe["distill"]["lr"] == pytest.approx(1e-3)

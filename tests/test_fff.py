@@ -1,0 +1,152 @@
+"""The FFF module: routing, the training path against the kernel path, UltraFastBERT import,
+initialisation from a dense FFN, and FLOPs counted from what the routes visit."""
+
+import pytest
+import torch
+from torch import nn
+
+from ccli.api import flops_by_component
+from ccli.arch import view
+from ccli.measure.flops import count_flops, torch_flop_count
+from ccli.measure.neurons import active_neurons
+from ccli.variants.base import DenseFFN
+from ccli.variants.fff import FFF, FFFVariant
+from tiny import HIDDEN, LAYERS, WIDTH, tiny
+
+SHAPES = [(1, 0, 4), (1, 3, 1), (2, 2, 3), (3, 1, 5), (1, 5, 2)]
+
+
+def _layer(trees, depth, leaf_width, hidden=HIDDEN, seed=0):
+    torch.manual_seed(seed)
+    layer = FFF(hidden, trees, depth, leaf_width)
+    nn.init.normal_(layer.output_bias)
+    return layer
+
+
+@pytest.mark.parametrize("trees, depth, leaf_width", SHAPES)
+def test_each_token_visits_one_path_per_tree(trees, depth, leaf_width):
+    layer = _layer(trees, depth, leaf_width)
+    x = torch.randn(50, HIDDEN)
+    computed, positive = layer.neuron_counts(x)
+    assert (computed == trees * (depth + leaf_width)).all()
+    assert (positive <= computed).all()
+
+
+@pytest.mark.parametrize("trees, depth, leaf_width", SHAPES)
+def test_training_path_equals_the_kernel_path(trees, depth, leaf_width):
+    layer = _layer(trees, depth, leaf_width)
+    x = torch.randn(2, 9, HIDDEN)
+    layer.train()
+    with torch.enable_grad():
+        trained = layer(x)
+    layer.eval()
+    with torch.no_grad():
+        inferred = layer(x)
+    torch.testing.assert_close(trained, inferred, atol=1e-5, rtol=1e-5)
+
+
+def test_training_path_only_trains_visited_neurons():
+    layer = _layer(1, 3, 2)
+    x = torch.randn(1, HIDDEN)
+    layer.train()
+    layer(x).sum().backward()
+    touched = (layer.linear_in.weight.grad.abs().sum(1) > 0).sum().item()
+    assert touched <= 3 + 2
+
+
+def test_ultrafastbert_layer_imports_unchanged():
+    """UltraFastBERT's layout: linear_in (K*(2^(D+1)-1), H) + bias, linear_out (H, K*(2^(D+1)-1))."""
+    trees, depth, hidden = 2, 4, 16
+    nodes = 2 ** (depth + 1) - 1
+    w_in, b_in, w_out = torch.randn(trees * nodes, hidden), torch.randn(trees * nodes), torch.randn(hidden, trees * nodes)
+    layer = FFF.from_ultrafastbert(w_in, b_in, w_out, trees=trees, depth=depth).eval()
+    x = torch.randn(7, hidden)
+    expected = torch.zeros(7, hidden)
+    for t in range(7):  # UltraFastBERT's forward, written out per token
+        for k in range(trees):
+            node = 0
+            for _ in range(depth + 1):
+                row = k * nodes + node
+                z = x[t] @ w_in[row] + b_in[row]
+                expected[t] += nn.functional.gelu(z) * w_out[:, row]
+                node = 2 * node + 1 + int(z >= 0)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected, atol=1e-4, rtol=1e-4)
+
+
+def _dense(hidden=HIDDEN, width=WIDTH):
+    torch.manual_seed(1)
+    return DenseFFN(torch.randn(width, hidden) / hidden**0.5, torch.randn(width) * 0.1,
+                    torch.randn(hidden, width) / width**0.5, torch.randn(hidden) * 0.1, "gelu")
+
+
+def test_one_leaf_holding_every_neuron_is_the_dense_ffn():
+    dense = _dense()
+    x = torch.randn(64, HIDDEN)
+    layer = FFFVariant(trees=1, depth=0, leaf_width=WIDTH).init_from_dense(dense, x, seed=0).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), dense(x), atol=1e-5, rtol=1e-5)
+
+
+def test_init_keeps_dense_neurons_in_the_leaves():
+    dense = _dense()
+    x = torch.randn(256, HIDDEN)
+    layer = FFFVariant(trees=2, depth=2, leaf_width=8).init_from_dense(dense, x, seed=0)
+    per_tree, internal = layer.per_tree, 3
+    leaf_rows = torch.cat([layer.linear_in.weight[k * per_tree + internal : (k + 1) * per_tree] for k in range(2)])
+    # every leaf neuron is an exact copy of a dense neuron, and trees share none
+    matches = (leaf_rows[:, None, :] == dense.w_in[None]).all(-1)
+    assert matches.any(1).all()
+    used = matches.float().argmax(1)
+    assert len(set(used[:32].tolist()) & set(used[32:].tolist())) == 0
+
+
+def test_fitted_routers_beat_random_routing():
+    """Routing by the fitted routers captures more of each token's activation mass than chance."""
+    dense = _dense()
+    x = torch.randn(2048, HIDDEN)
+    fitted = FFFVariant(trees=1, depth=3, leaf_width=8).init_from_dense(dense, x, seed=0).eval()
+    shuffled = FFFVariant(trees=1, depth=3, leaf_width=8).init_from_dense(dense, x, seed=0).eval()
+    with torch.no_grad():
+        shuffled.linear_in.weight[:7] = torch.randn(7, HIDDEN)
+        err = lambda layer: ((layer(x) - dense(x)).pow(2).sum() / dense(x).pow(2).sum()).item()  # noqa: E731
+        assert err(fitted) < err(shuffled)
+
+
+def _tiny_fff_model(trees, depth, leaf_width):
+    model = tiny("bert")
+    for ffn in view(model).ffns():
+        ffn.replace(_layer(trees, depth, leaf_width))
+    return model.eval()
+
+
+@pytest.mark.parametrize("trees, depth, leaf_width", [(1, 3, 1), (2, 2, 4)])
+def test_ffn_flops_count_only_visited_nodes(trees, depth, leaf_width):
+    model = _tiny_fff_model(trees, depth, leaf_width)
+    ids = torch.randint(3, 100, (2, 11))
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    counted = count_flops(model, inputs)
+    per_token_ffn = flops_by_component(view(model), counted.by_module)["ffn"] / ids.numel()
+    assert per_token_ffn == LAYERS * 2 * (2 * HIDDEN) * trees * (depth + leaf_width)  # 2 FLOPs per MAC
+    assert counted.unknown_ops == {}
+    assert torch_flop_count(model, inputs) == pytest.approx(counted.total, rel=1e-6)
+
+
+def test_active_neurons_come_from_the_routing():
+    model = _tiny_fff_model(2, 3, 2)
+    ids = torch.randint(3, 100, (1, 13))
+    rows = active_neurons(view(model), {"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    for row in rows:
+        assert row["computed"] == row["computed_min"] == row["computed_max"] == 2 * (3 + 2)
+        assert 0 <= row["positive_min"] <= row["positive"] <= row["positive_max"] <= 10
+
+
+def test_bad_shapes_are_clear_errors():
+    from ccli.errors import CcliError
+
+    with pytest.raises(CcliError, match="depth must be an integer >= 0"):
+        FFFVariant(depth=-1)
+    with pytest.raises(CcliError, match="leaf-width must be an integer >= 1"):
+        FFFVariant(leaf_width=0)
+    with pytest.raises(CcliError, match="too deep"):
+        FFFVariant(depth=25)
