@@ -280,7 +280,7 @@ def bench_layer(
                 with use_backend(backend):
                     timing = time_call(forward, device=device, threads=threads, min_run_time=min_run_time)
             dense_ms = dense_ms or timing.median_ms
-            neurons = width if backend is None else layer.width
+            neurons = width if backend is None else layer.neurons_per_token
             rows.append({
                 "layer": name, "kernel": kernel, "device": device, "tokens": n, "threads": threads,
                 "hidden": hidden, "neurons_per_token": neurons, "flops_per_token": 2 * 2 * hidden * neurons,

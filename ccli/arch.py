@@ -53,7 +53,7 @@ class FFNView:
     output: nn.Module | None
     gated: bool
     hidden_size: int
-    width: int  # neurons (intermediate size) of the dense FFN
+    width: int  # neurons in the FFN (the dense intermediate size, or all neurons of a converted layer)
     _install: Callable[[nn.Module], None]
     replaced: nn.Module | None = None  # the module that stands for the FFN after replace()
 
@@ -269,7 +269,7 @@ def _ffn_view(fam: Family, block: nn.Module, block_path: str) -> FFNView:
 
     if replaced:
         hidden = getattr(current, "hidden_size", None) or _hidden_of(block)
-        return FFNView(block, paths, [], None, None, fam.gated, hidden, getattr(current, "width", 0), install, current)
+        return FFNView(block, paths, [], None, None, fam.gated, hidden, getattr(current, "total_neurons", 0), install, current)
     inputs = [host.get_submodule(p) for p in fam.ffn_inputs]
     output = block.get_submodule(fam.ffn_output) if fam.ffn_kind == "split" else host.get_submodule(fam.ffn_output)
     act = block.get_submodule(fam.ffn_act) if fam.ffn_kind == "split" else host.get_submodule(fam.ffn_act)

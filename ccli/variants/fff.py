@@ -59,13 +59,17 @@ class FFF(nn.Module):
         self._rows_cache: tuple | None = None
 
     @property
-    def width(self) -> int:
-        """Neurons computed per token: the quantity that replaces the dense FFN's width."""
+    def neurons_per_token(self) -> int:
+        """Neurons computed per token: one path per tree."""
         return self.trees * (self.depth + self.leaf_width)
+
+    @property
+    def total_neurons(self) -> int:
+        return self.trees * self.per_tree
 
     def extra_repr(self) -> str:
         return (f"hidden={self.hidden_size}, trees={self.trees}, depth={self.depth}, leaf_width={self.leaf_width}, "
-                f"activation={self.activation}, neurons/token={self.width} of {self.trees * self.per_tree}")
+                f"activation={self.activation}, neurons/token={self.neurons_per_token} of {self.total_neurons}")
 
     @classmethod
     def from_ultrafastbert(cls, linear_in_weight, linear_in_bias, linear_out_weight, *, trees: int, depth: int,
