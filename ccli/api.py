@@ -35,12 +35,12 @@ def _refs(models: ModelRef | Iterable[ModelRef]) -> list[ModelRef]:
 
 
 def _param_count(module: torch.nn.Module, seen: set[int]) -> int:
+    """Parameters and floating-point buffers of `module` not already counted (index buffers are not weights)."""
     total = 0
-    for tensor in list(module.parameters()) + list(module.buffers()):
-        if tensor.data_ptr() in seen or not tensor.is_floating_point() and tensor.dtype != torch.uint8:
-            continue
-        seen.add(tensor.data_ptr())
-        total += tensor.numel()
+    for tensor in list(module.parameters()) + [b for b in module.buffers() if b.is_floating_point()]:
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            total += tensor.numel()
     return total
 
 

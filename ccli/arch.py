@@ -217,7 +217,6 @@ def view(model: nn.Module) -> ArchView:
     fam = FAMILIES[family_name]
     names = {id(m): n for n, m in model.named_modules()}
     base = model.base_model
-    base_path = names[id(base)]
 
     embeddings = {}
     for attr in fam.embeddings:

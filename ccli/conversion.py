@@ -6,7 +6,6 @@ import copy
 from dataclasses import asdict, fields
 from pathlib import Path
 
-import torch
 
 from .arch import view
 from .data import load_paragraphs

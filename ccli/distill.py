@@ -15,7 +15,6 @@ from the last checkpoint of an identical run.
 
 from __future__ import annotations
 
-import copy
 import os
 import random
 import time

@@ -5,7 +5,7 @@ import torch
 
 from ccli.api import flops_by_component, profile
 from ccli.arch import view
-from ccli.hub import Loaded, load
+from ccli.hub import load
 from ccli.inputs import build_inputs
 from ccli.measure.flops import count_flops, torch_flop_count
 from tiny import FAMILIES, HIDDEN, LAYERS, WIDTH, tiny

@@ -1,7 +1,6 @@
 import torch
 
 from ccli.arch import view
-from ccli.hub import Loaded
 from ccli.measure.neurons import active_neurons
 from ccli.measure.timing import time_call
 from tiny import WIDTH, tiny

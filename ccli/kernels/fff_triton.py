@@ -122,7 +122,7 @@ def _fff_kernel_src(
             offs = rows[:, None] * H + offs_h[None, :]
             wt = tl.load(w_in_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # noqa: F821
             bias = tl.load(b_in_ptr + rows, mask=mask_w, other=0.0).to(tl.float32)  # noqa: F821
-            z = tl.sum(wt * x[None, :], axis=1) + bias
+            z = tl.sum(wt * x[None, :], axis=1) + bias  # noqa: F821
             a = tl.where(mask_w, _act(z, ACT), 0.0)  # noqa: F821
             wo = tl.load(w_out_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # noqa: F821
             acc += tl.sum(a[:, None] * wo, axis=0)  # noqa: F821

@@ -25,7 +25,6 @@ Conversion from a dense FFN (`FFFVariant.init_from_dense`), in the spirit of MoE
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import nn
