@@ -1,56 +1,47 @@
-"""The native CPU kernel for FFF trees (fff_cpu.cpp), built on first use.
+"""ccli's native CPU kernels (C++ extensions), built on first use.
 
-`load()` compiles fff_cpu.cpp with torch.utils.cpp_extension.load (-O3, OpenMP, -march=native on
-x86-64/arm64). torch caches the build (TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions),
-so only the first process on a machine pays for the compile (~15-25 s on 2 cores); later processes
-load it in ~0.2 s. The extension's name carries a hash of the CPU's feature flags, so a cache shared
-between different machines never hands one a binary built for another's instruction set.
+Each kernel is a `NativeExtension`: one C++ source next to this file, compiled by `load()` with
+torch.utils.cpp_extension.load (-O3, OpenMP, -march=native on x86-64/arm64). torch caches the build
+(TORCH_EXTENSIONS_DIR, by default ~/.cache/torch_extensions), so only the first process on a machine
+pays for the compile (~15-25 s on 2 cores); later processes load it in ~0.2 s. An extension's name
+carries a hash of the CPU's feature flags, so a cache shared between different machines never hands
+one a binary built for another's instruction set.
 
-If the build fails (no compiler, no OpenMP, ...), or CCLI_FFF_NATIVE=0 is set, `load()` returns None and
-callers use the PyTorch reference. A failed build warns once and is not retried in the same process.
+- `FFF` (fff_cpu.cpp): the `ccli::fff` op (ccli.kernels.fff). The module-level functions below
+  (`load`, `failure_reason`, `set_dispatch`, `reset`, `fff_native`, ...) are its API.
+- `TERNARY` (ternary_cpu.cpp): the `ccli::ternary_linear` op (ccli.kernels.ternary).
 
-Loading the extension also registers its C++ function as the CPU kernel of the `ccli::fff` op, so
-CPU calls skip Python entirely; ccli.kernels.fff switches it on or off (`set_dispatch`) according
-to the selected backend, and when off it calls back into Python (`_dispatch_fallback`).
+If a build fails (no compiler, no OpenMP, ...), or the extension's environment variable
+(CCLI_FFF_NATIVE / CCLI_TERNARY_NATIVE) or CCLI_NATIVE is set to 0, `load()` returns None and callers
+use the PyTorch reference. A failed build warns once and is not retried in the same process.
+
+Loading an extension also registers its C++ function as the CPU kernel of its op, so CPU calls skip
+Python entirely; the op's module switches it on or off (`set_dispatch`) according to the selected
+backend, and when off it calls back into Python (the extension's `python_kernel`, which the op's
+module sets when it is imported).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib
 import logging
 import os
 import platform
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("fff_cpu.cpp")
-
-_ext = None  # the loaded extension module
-_loaded = None  # the extension once loaded, kept even after reset() (its op kernel stays registered)
-_failure: str | None = None  # why it is unavailable; set once, never retried
-build_seconds: float | None = None  # wall time of load() in this process (compile or cache hit)
+_OFF = ("0", "false", "off", "no")
 
 
-_python_kernel = None  # ccli.kernels.fff._impl_python, set when that module is imported
-
-
-def _dispatch_fallback(x, w_in, b_in, w_out, trees, depth, leaf_width, activation):
-    """Called by the extension's dispatcher kernel for CPU calls it does not handle itself."""
-    kernel = _python_kernel
-    if kernel is None:
-        from ccli.kernels import fff
-
-        kernel = fff._impl_python
-    return kernel(x, w_in, b_in, w_out, trees, depth, leaf_width, activation)
-
-
-def extension_name() -> str:
-    """ccli_fff_cpu_<hash of machine type and CPU flags> (see module doc)."""
+def _cpu_ident() -> str:
     ident = platform.machine()
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
@@ -60,14 +51,7 @@ def extension_name() -> str:
                     break
     except OSError:
         ident += " " + platform.processor()
-    return "ccli_fff_cpu_" + hashlib.sha1(ident.encode()).hexdigest()[:10]
-
-
-def set_dispatch(enabled: bool) -> None:
-    """Let the extension's CPU kernel of ccli::fff compute float32 calls itself (True) or hand every
-    call to the Python backend selection (False). No-op if the extension never loaded."""
-    if _loaded is not None:
-        _loaded.configure(enabled)
+    return ident
 
 
 def _cflags() -> list[str]:
@@ -77,72 +61,192 @@ def _cflags() -> list[str]:
     return flags
 
 
-def _build():
-    """Compile (or load from torch's extension cache) and return the extension module."""
-    from torch.utils.cpp_extension import load as load_extension
+class NativeExtension:
+    """One C++ extension (a source file next to this module) that registers the CPU kernel of a
+    `ccli::` op: built or loaded from torch's cache on first `load()`, or None if that fails.
 
-    if not SOURCE.is_file():
-        raise FileNotFoundError(f"{SOURCE} is missing (is the package data installed?)")
-    return load_extension(
-        name=extension_name(),
-        sources=[str(SOURCE)],
-        extra_cflags=_cflags(),
-        extra_ldflags=["-fopenmp"],
-        verbose=False,
-    )
+    stem:       source file stem, e.g. "fff_cpu" (fff_cpu.cpp, extension ccli_fff_cpu_<cpu hash>)
+    label:      name used in log messages and warnings ("native <label> CPU kernel")
+    env_var:    set to 0 to disable this extension (CCLI_NATIVE=0 disables all of them)
+    op_module:  module that defines the op; imported to find its Python kernel if `python_kernel`
+                was not set yet (the dispatcher fallback of the C++ kernel)
+    builder:    optional zero-argument callable replacing `compile()` (the FFF extension keeps the
+                historical module-level `_build` hook, which tests monkeypatch)
+
+    The C++ module must export `configure(native_enabled: bool, fallback=None)`.
+    """
+
+    def __init__(self, stem: str, label: str, env_var: str, op_module: str,
+                 builder: Callable[[], Any] | None = None):
+        self.stem = stem
+        self.label = label
+        self.env_var = env_var
+        self.op_module = op_module
+        self.source = Path(__file__).with_name(stem + ".cpp")
+        self.ext = None  # the loaded extension module
+        self.loaded = None  # the extension once loaded, kept after reset() (its op kernel stays registered)
+        self.failure: str | None = None  # why it is unavailable; set once, never retried
+        self.build_seconds: float | None = None  # wall time of load() in this process
+        self.python_kernel: Callable[..., Any] | None = None  # the op's Python kernel (set by its module)
+        self._builder = builder
+
+    def __repr__(self) -> str:
+        state = "loaded" if self.ext is not None else f"failed ({self.failure})" if self.failure else "not loaded"
+        return f"NativeExtension({self.stem!r}, {state})"
+
+    def extension_name(self) -> str:
+        """ccli_<stem>_<hash of machine type and CPU flags> (see module doc)."""
+        return f"ccli_{self.stem}_" + hashlib.sha1(_cpu_ident().encode()).hexdigest()[:10]
+
+    def dispatch_fallback(self, *args):
+        """Called by the extension's dispatcher kernel for CPU calls it does not handle itself."""
+        kernel = self.python_kernel
+        if kernel is None:
+            kernel = importlib.import_module(self.op_module)._impl_python
+        return kernel(*args)
+
+    def set_dispatch(self, enabled: bool) -> None:
+        """Let the extension's CPU kernel of its op compute the calls it supports itself (True) or hand
+        every call to the Python backend selection (False). No-op if the extension never loaded."""
+        if self.loaded is not None:
+            self.loaded.configure(enabled)
+
+    def compile(self):
+        """Compile (or load from torch's extension cache) and return the extension module."""
+        from torch.utils.cpp_extension import load as load_extension
+
+        if not self.source.is_file():
+            raise FileNotFoundError(f"{self.source} is missing (is the package data installed?)")
+        return load_extension(
+            name=self.extension_name(),
+            sources=[str(self.source)],
+            extra_cflags=_cflags(),
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
+
+    def disabled(self) -> str | None:
+        for var in (self.env_var, "CCLI_NATIVE"):
+            if os.environ.get(var, "1").strip().lower() in _OFF:
+                return f"disabled by {var}=0"
+        return None
+
+    def load(self):
+        """The extension module, building it on first call; None if it cannot be built (warns once)."""
+        if self.ext is not None:
+            return self.ext
+        if self.failure is not None:
+            return None
+        reason = self.disabled()
+        if reason is not None:
+            self.failure = reason
+            return None
+        start = time.perf_counter()
+        log.info("ccli: loading the native %s CPU kernel (the first build compiles C++, ~15-60 s)", self.label)
+        try:
+            ext = self._builder() if self._builder is not None else self.compile()
+        except Exception as exc:  # noqa: BLE001 - compiler missing, compile error, ninja missing, ...
+            reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+            if len(reason) > 600:
+                reason = reason[:600] + " ..."
+            self.failure = reason
+            warnings.warn(
+                f"ccli: could not build the native {self.label} CPU kernel ({reason}); "
+                "using the PyTorch reference implementation instead (correct, but slower).",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return None
+        self.build_seconds = time.perf_counter() - start
+        # Loading registered the extension's CPU kernel for its op; it defers to Python until the
+        # backend selection of the op's module enables it.
+        ext.configure(False, self.dispatch_fallback)
+        self.ext = self.loaded = ext
+        return ext
+
+    def available(self) -> bool:
+        """Whether the native kernel is usable (builds it if needed)."""
+        return self.load() is not None
+
+    def failure_reason(self) -> str | None:
+        """Why the native kernel is unavailable, or None (if it was never tried or it loaded)."""
+        return self.failure
+
+    def reset(self) -> None:
+        """Forget the loaded/failed state so that the next `load()` tries again (for tests)."""
+        self.set_dispatch(False)
+        self.ext = None
+        self.failure = None
+        self.build_seconds = None
+
+
+# --- the FFF extension (and the module-level API it has always had) ------------------------------
+
+SOURCE = Path(__file__).with_name("fff_cpu.cpp")
+
+_python_kernel = None  # ccli.kernels.fff._impl_python, set when that module is imported
+
+
+def _dispatch_fallback(x, w_in, b_in, w_out, trees, depth, leaf_width, activation):
+    """Called by the FFF extension's dispatcher kernel for CPU calls it does not handle itself."""
+    kernel = _python_kernel
+    if kernel is None:
+        from ccli.kernels import fff
+
+        kernel = fff._impl_python
+    return kernel(x, w_in, b_in, w_out, trees, depth, leaf_width, activation)
+
+
+def _build():
+    """Compile (or load from torch's extension cache) and return the FFF extension module."""
+    return FFF.compile()
+
+
+FFF = NativeExtension("fff_cpu", "FFF", "CCLI_FFF_NATIVE", "ccli.kernels.fff", builder=lambda: _build())
+FFF.dispatch_fallback = _dispatch_fallback  # honours the module-level _python_kernel hook
+TERNARY = NativeExtension("ternary_cpu", "ternary", "CCLI_TERNARY_NATIVE", "ccli.kernels.ternary")
+
+EXTENSIONS = {"fff": FFF, "ternary": TERNARY}
+
+# Module attributes that mirror the FFF extension's state (read through __getattr__).
+_FFF_STATE = {"_ext": "ext", "_loaded": "loaded", "_failure": "failure", "build_seconds": "build_seconds"}
+
+
+def __getattr__(name: str):
+    if name in _FFF_STATE:
+        return getattr(FFF, _FFF_STATE[name])
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def extension_name() -> str:
+    """Name of the FFF extension: ccli_fff_cpu_<hash of machine type and CPU flags>."""
+    return FFF.extension_name()
+
+
+def set_dispatch(enabled: bool) -> None:
+    """FFF: let the extension's CPU kernel of ccli::fff compute float32 calls itself (True) or hand
+    every call to the Python backend selection (False). No-op if the extension never loaded."""
+    FFF.set_dispatch(enabled)
 
 
 def load():
-    """The extension module, building it on first call; None if it cannot be built (warns once)."""
-    global _ext, _loaded, _failure, build_seconds
-    if _ext is not None:
-        return _ext
-    if _failure is not None:
-        return None
-    if os.environ.get("CCLI_FFF_NATIVE", "1").strip().lower() in ("0", "false", "off", "no"):
-        _failure = "disabled by CCLI_FFF_NATIVE=0"
-        return None
-    start = time.perf_counter()
-    log.info("ccli: loading the native FFF CPU kernel (the first build compiles C++, ~15-60 s)")
-    try:
-        ext = _build()
-    except Exception as exc:  # compiler missing, compile error, ninja missing, ...
-        reason = " ".join(f"{type(exc).__name__}: {exc}".split())
-        if len(reason) > 600:
-            reason = reason[:600] + " ..."
-        _failure = reason
-        warnings.warn(
-            f"ccli: could not build the native FFF CPU kernel ({reason}); "
-            "using the PyTorch reference implementation instead (correct, but slower).",
-            RuntimeWarning,
-            stacklevel=2,
-        )
-        return None
-    build_seconds = time.perf_counter() - start
-    # Loading registered the extension's CPU kernel for ccli::fff; it defers to Python until the
-    # backend selection in ccli.kernels.fff enables it.
-    ext.configure(False, _dispatch_fallback)
-    _ext = _loaded = ext
-    return ext
+    """The FFF extension module, building it on first call; None if it cannot be built (warns once)."""
+    return FFF.load()
 
 
 def available() -> bool:
-    """Whether the native kernel is usable (builds it if needed)."""
-    return load() is not None
+    """Whether the native FFF kernel is usable (builds it if needed)."""
+    return FFF.available()
 
 
 def failure_reason() -> str | None:
-    """Why the native kernel is unavailable, or None (if it was never tried or it loaded)."""
-    return _failure
+    """Why the native FFF kernel is unavailable, or None (if it was never tried or it loaded)."""
+    return FFF.failure_reason()
 
 
 def reset() -> None:
-    """Forget the loaded/failed state so that the next `load()` tries again (for tests)."""
-    global _ext, _failure, build_seconds
-    set_dispatch(False)
-    _ext = None
-    _failure = None
-    build_seconds = None
+    """Forget the FFF extension's loaded/failed state so that the next `load()` tries again (for tests)."""
+    FFF.reset()
 
 
 def fff_native(
@@ -158,5 +262,5 @@ def fff_native(
     """FFF forward with the native kernel (float32 CPU tensors; x is (N, H)). Raises if unavailable."""
     ext = load()
     if ext is None:
-        raise RuntimeError(f"native FFF kernel unavailable: {_failure}")
+        raise RuntimeError(f"native FFF kernel unavailable: {FFF.failure}")
     return ext.fff_forward(x, w_in, b_in, w_out, trees, depth, leaf_width, activation)

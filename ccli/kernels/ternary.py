@@ -1,0 +1,523 @@
+"""Ternary (BitNet b1.58) linear layers: the `ccli::ternary_linear` op and its building blocks.
+
+Weights. `t` is an int8 (out, in) tensor of {-1, 0, +1}; `scale` a float32 (out, G) tensor, one scale
+per row and group of `group_size` input columns, G = ceil(in / group_size) (the last group may be
+short). group_size == in is one group per row; a per-tensor scale is an (out, 1) tensor of identical
+values. `quantize_weights` computes them by absmean: s = mean(|w|) over the tensor / row / group
+(clamped to >= WEIGHT_EPS), t = clamp(round(w / s), -1, 1); `absmean_ternarize` returns the fake-
+quantised float weights t * s with the same rounding (for straight-through training).
+
+Packing (the on-disk format, read by every backend). `pack_ternary(t)` -> uint8 (out, ceil(in / 4)):
+weight j of a row is in byte j // 4 at bits 2*(j % 4) .. 2*(j % 4) + 1, code 0 = 0, 1 = +1, 2 = -1.
+Code 3 is never written (readers treat it as 0); padding codes are 0. `unpack_ternary` inverts it.
+
+Activations (act_bits=8). `quantize_activations(x)` -> (q int8 (N, in), sx float32 (N, 1)), per
+token absmax: sx = max(max|x| / 127, ACT_EPS) and q = clamp(round(x / sx), -127, 127), all in float32
+with a true division and round-half-to-even, which the C++ kernel reproduces bit for bit.
+
+The op. ternary_linear(x (N, in) float32, packed, scale, bias?, in_features, group_size, act_bits):
+- act_bits=8: acc[n, i, g] = sum over j in group g of t[i, j] * q[n, j], exact in int32
+  (`ternary_int_matmul`), then y[n, i] = sx[n] * sum_g scale[i, g] * acc[n, i, g] (+ bias[i]);
+- act_bits=16 (weight-only): y[n, i] = sum_g scale[i, g] * (sum over j in g of t[i, j] * x[n, j])
+  (+ bias[i]) in float32: the inner sums only add and subtract activations.
+`ternary_linear` accepts x of shape (..., in) and returns (..., out) in x's dtype.
+
+Backends: "reference" (PyTorch, any device), "native" (C++/OpenMP on the packed 2-bit weights, CPU
+float32, built on first use, see ternary_cpu.cpp), "triton" (CUDA; CPU only under TRITON_INTERPRET=1,
+see ternary_triton.py). "auto" (the default) uses native on CPU and triton on CUDA when available,
+else the reference. `set_backend` / `use_backend` force one. Integer accumulators are identical in
+every backend (`ternary_int_matmul(..., backend=...)`); the float epilogue is computed in the same order
+(per-group scale, sum over groups, times sx, plus bias) and agrees to float rounding.
+
+The native kernel reads the packed weights through a private re-laid-out copy (same size class: about
+2 bits per weight for act_bits=8, 2.7 for act_bits=16) that it builds on first use and caches per packed
+tensor; the copy is rebuilt when the tensor's version counter changes (any in-place write) and dropped
+once the tensor is freed. Tensors created under torch.inference_mode() have no version counter, so an
+in-place write to one of those is not noticed: replace it, or call `native.TERNARY.ext.clear_cache()`.
+Once the extension has loaded, CPU float32 calls go from the dispatcher straight to C++ (activation
+quantisation included), as for ccli::fff.
+
+Work accounting. Every weight slot is added or skipped by the kernels: `ternary_adds` =
+N * in * out additions (an honest upper bound); the epilogue does `ternary_scale_macs` = N * out * G
+multiplies. FLOP counting reports multiplies only: the fvcore handle (ccli.measure.flops) counts
+N * out * G multiply-accumulates and the FlopCounterMode formula 2 * N * out * G FLOPs. The additions
+are not FLOPs of either counter: profilers count them by walking the TernaryLinear modules
+(ccli.variants.ternary, `adds_per_token`), or per call with `adds_for_call`.
+
+Importing this module registers the op, its fake (meta) impl, the FlopCounterMode formula and the
+fvcore handle. The op is for inference: it has no autograd formula.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import torch
+
+from ccli.kernels import native
+
+__all__ = [
+    "ACT_BITS",
+    "ACT_EPS",
+    "BACKENDS",
+    "GRANULARITIES",
+    "WEIGHT_EPS",
+    "absmean_ternarize",
+    "adds_for_call",
+    "available_backends",
+    "get_backend",
+    "n_groups",
+    "pack_ternary",
+    "quantize_activations",
+    "quantize_weights",
+    "set_backend",
+    "ternary_adds",
+    "ternary_int_matmul",
+    "ternary_int_matmul_reference",
+    "ternary_linear",
+    "ternary_linear_native",
+    "ternary_linear_reference",
+    "ternary_scale_macs",
+    "unpack_ternary",
+    "use_backend",
+]
+
+BACKENDS = ("auto", "reference", "native", "triton")
+GRANULARITIES = ("tensor", "channel", "group")
+ACT_BITS = (8, 16)
+WEIGHT_EPS = 1e-8  # lower bound of an absmean weight scale
+ACT_EPS = 1e-8  # lower bound of sx = absmax / 127 (as float32), so an all-zero token gives q = 0
+
+_native = native.TERNARY
+
+
+# --- weights ------------------------------------------------------------------------------------------
+
+
+def n_groups(in_features: int, group_size: int) -> int:
+    """G = ceil(in_features / group_size)."""
+    return -(-in_features // group_size)
+
+
+def _absmean_scale(w: torch.Tensor, granularity: str, group_size: int) -> tuple[torch.Tensor, int]:
+    """float32 (out, G) absmean scales and the group size used."""
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"ternary: granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    if w.dim() != 2:
+        raise ValueError(f"ternary: weights must be 2-D (out, in), got shape {tuple(w.shape)}")
+    out_features, in_features = w.shape
+    a = w.detach().float().abs()
+    if granularity == "tensor":
+        s = a.mean().clamp_min(WEIGHT_EPS).expand(out_features, 1).contiguous()
+        return s, in_features
+    if granularity == "channel":
+        return a.mean(dim=1, keepdim=True).clamp_min(WEIGHT_EPS), in_features
+    if not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"ternary: group_size must be a positive integer, got {group_size!r}")
+    groups = n_groups(in_features, group_size)
+    padded = torch.nn.functional.pad(a, (0, groups * group_size - in_features))
+    sums = padded.view(out_features, groups, group_size).sum(-1)
+    counts = torch.full((groups,), float(group_size), device=w.device)
+    counts[-1] = in_features - (groups - 1) * group_size
+    return (sums / counts).clamp_min(WEIGHT_EPS), group_size
+
+
+def _expand_scale(scale: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor:
+    """(out, G) -> (out, in): each column's scale."""
+    return scale.repeat_interleave(group_size, dim=1)[:, :in_features]
+
+
+def quantize_weights(
+    w: torch.Tensor, granularity: str = "tensor", group_size: int = 128
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Absmean ternarisation of float weights (out, in): (t int8 (out, in) in {-1, 0, 1}, scale float32
+    (out, G), group size used). "tensor" and "channel" use group size `in` (G = 1)."""
+    s, gs = _absmean_scale(w, granularity, group_size)
+    wf = w.detach().float()
+    t = torch.round(wf / _expand_scale(s, wf.shape[1], gs)).clamp_(-1, 1).to(torch.int8)
+    return t, s, gs
+
+
+def absmean_ternarize(w: torch.Tensor, granularity: str = "tensor", group_size: int = 128) -> torch.Tensor:
+    """The fake-quantised weights t * s of `quantize_weights` (same rounding), in w's dtype. Not
+    differentiable through the rounding: use it as w + (absmean_ternarize(w) - w).detach()."""
+    s, gs = _absmean_scale(w, granularity, group_size)
+    s_full = _expand_scale(s, w.shape[1], gs)
+    wf = w.detach().float()
+    t = torch.round(wf / s_full).clamp_(-1, 1)
+    return (t * s_full).to(w.dtype)
+
+
+def pack_ternary(t: torch.Tensor) -> torch.Tensor:
+    """int8 (out, in) of {-1, 0, 1} -> uint8 (out, ceil(in / 4)), 4 weights per byte (module doc)."""
+    if t.dim() != 2:
+        raise ValueError(f"pack_ternary: expected a 2-D (out, in) tensor, got shape {tuple(t.shape)}")
+    if t.is_complex():
+        raise ValueError("pack_ternary: weights must be in {-1, 0, 1}")
+    ti = t.to(torch.int8)
+    if t.numel() and (((ti > 1) | (ti < -1)).any() or not torch.equal(ti.to(t.dtype), t)):
+        raise ValueError("pack_ternary: weights must be in {-1, 0, 1}")
+    out_features, in_features = ti.shape
+    n_bytes = -(-in_features // 4)
+    codes = torch.where(ti > 0, 1, torch.where(ti < 0, 2, 0)).to(torch.uint8)
+    codes = torch.nn.functional.pad(codes, (0, n_bytes * 4 - in_features)).view(out_features, n_bytes, 4)
+    return codes[..., 0] | (codes[..., 1] << 2) | (codes[..., 2] << 4) | (codes[..., 3] << 6)
+
+
+def unpack_ternary(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """uint8 (out, ceil(in / 4)) -> int8 (out, in) of {-1, 0, 1}: the inverse of `pack_ternary`."""
+    _check_packed(packed, in_features)
+    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=packed.device)
+    codes = (packed.unsqueeze(-1) >> shifts) & 3  # (out, bytes, 4)
+    lut = torch.tensor([0, 1, -1, 0], dtype=torch.int8, device=packed.device)
+    return lut[codes.long()].reshape(packed.shape[0], packed.shape[1] * 4)[:, :in_features]
+
+
+def _check_packed(packed: torch.Tensor, in_features: int) -> None:
+    if packed.dtype is not torch.uint8 or packed.dim() != 2:
+        raise ValueError(f"ternary: packed weights must be a 2-D uint8 tensor, got {packed.dtype} {tuple(packed.shape)}")
+    if in_features < 1 or packed.shape[1] != -(-in_features // 4):
+        raise ValueError(
+            f"ternary: packed weights must be (out, ceil(in_features / 4)) = (out, {-(-in_features // 4)}) "
+            f"for in_features={in_features}, got {tuple(packed.shape)}"
+        )
+
+
+# --- activations -------------------------------------------------------------------------------------
+
+
+def quantize_activations(x: torch.Tensor, backend: str = "reference") -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token absmax int8 quantisation of x (N, in): (q int8 (N, in), sx float32 (N, 1)), see the
+    module doc. backend "native" runs the C++ code the native kernel uses (identical results)."""
+    if backend == "native":
+        ext = _native.load()
+        if ext is None:
+            raise RuntimeError(f"ternary: native backend unavailable: {_native.failure_reason()}")
+        return ext.quantize_activations(x)
+    if backend != "reference":
+        raise ValueError(f"quantize_activations: backend must be 'reference' or 'native', got {backend!r}")
+    xf = x.float()
+    sx = (xf.abs().amax(dim=-1, keepdim=True) / 127.0).clamp_min(ACT_EPS)
+    q = torch.round(xf / sx).clamp_(-127, 127).to(torch.int8)
+    return q, sx
+
+
+# --- reference -----------------------------------------------------------------------------------------
+
+_REF_CHUNK_ELEMENTS = 1 << 24  # bound on the (tokens, out, G) intermediates per chunk of tokens
+
+
+def _check_args(x, packed, scale, bias, in_features, group_size, act_bits) -> None:
+    if act_bits not in ACT_BITS:
+        raise ValueError(f"ternary_linear: act_bits must be 8 (int8 activations) or 16 (float activations), got {act_bits!r}")
+    if in_features < 1 or group_size < 1:
+        raise ValueError(f"ternary_linear: need in_features >= 1 and group_size >= 1 (got {in_features}, {group_size})")
+    if x.dim() != 2 or x.shape[1] != in_features:
+        raise ValueError(f"ternary_linear: x must be (N, {in_features}), got shape {tuple(x.shape)}")
+    _check_packed(packed, in_features)
+    out_features = packed.shape[0]
+    groups = n_groups(in_features, group_size)
+    if tuple(scale.shape) != (out_features, groups):
+        raise ValueError(
+            f"ternary_linear: scale must be (out, G) = ({out_features}, {groups}) for in_features={in_features}, "
+            f"group_size={group_size}, got {tuple(scale.shape)}"
+        )
+    if bias is not None and tuple(bias.shape) != (out_features,):
+        raise ValueError(f"ternary_linear: bias must be ({out_features},), got {tuple(bias.shape)}")
+
+
+def _grouped(v: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor:
+    """(R, in) -> (R, G, group_size), zero padded."""
+    groups = n_groups(in_features, group_size)
+    v = torch.nn.functional.pad(v, (0, groups * group_size - in_features))
+    return v.view(v.shape[0], groups, group_size)
+
+
+def ternary_int_matmul_reference(q: torch.Tensor, packed: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor:
+    """acc[n, i, g] = sum over j in group g of t[i, j] * q[n, j]: int32 (N, out, G), exact (float64
+    products and sums of small integers)."""
+    _check_packed(packed, in_features)
+    if q.dim() != 2 or q.shape[1] != in_features:
+        raise ValueError(f"ternary_int_matmul: q must be (N, {in_features}), got shape {tuple(q.shape)}")
+    t = _grouped(unpack_ternary(packed, in_features).double(), in_features, group_size)
+    qg = _grouped(q.double(), in_features, group_size)
+    return torch.einsum("ngk,ogk->nog", qg, t).round().to(torch.int32)
+
+
+def _epilogue(acc: torch.Tensor, scale: torch.Tensor, sx: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    """y = sx * sum_g scale * acc (+ bias), float32."""
+    y = (acc * scale.float()).sum(-1)
+    if sx is not None:
+        y = sx * y
+    if bias is not None:
+        y = y + bias.float()
+    return y
+
+
+def ternary_linear_reference(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    in_features: int,
+    group_size: int,
+    act_bits: int,
+) -> torch.Tensor:
+    """The op in plain PyTorch (any device); x is (N, in), returns (N, out) in x's dtype. The integer
+    (act_bits=8) or float (act_bits=16) group sums are computed in float64 (exact for the integers),
+    the epilogue in float32."""
+    _check_args(x, packed, scale, bias, in_features, group_size, act_bits)
+    n_tokens = x.shape[0]
+    out_features = packed.shape[0]
+    groups = scale.shape[1]
+    chunk = max(1, _REF_CHUNK_ELEMENTS // max(1, out_features * groups))
+    xf = x.float()
+    t = None
+    outs = []
+    for start in range(0, max(n_tokens, 1), chunk):
+        xs = xf[start : start + chunk]
+        if act_bits == 8:
+            q, sx = quantize_activations(xs)
+            acc = ternary_int_matmul_reference(q, packed, in_features, group_size).float()
+            outs.append(_epilogue(acc, scale, sx, bias))
+        else:
+            if t is None:
+                t = _grouped(unpack_ternary(packed, in_features).double(), in_features, group_size)
+            sums = torch.einsum("ngk,ogk->nog", _grouped(xs.double(), in_features, group_size), t).float()
+            outs.append(_epilogue(sums, scale, None, bias))
+    y = outs[0] if len(outs) == 1 else torch.cat(outs)
+    return y.to(x.dtype)
+
+
+# --- backends -----------------------------------------------------------------------------------------
+
+_backend = "auto"
+_resolved: dict[str, object] = {}
+
+
+def _native_supported(x, packed, scale, bias) -> bool:
+    return (
+        x.dtype is torch.float32
+        and scale.dtype is torch.float32
+        and (bias is None or bias.dtype is torch.float32)
+        and all(t.device.type == "cpu" for t in (x, packed, scale) + (() if bias is None else (bias,)))
+    )
+
+
+def _native_impl(x, packed, scale, bias, in_features, group_size, act_bits):
+    # The extension is loaded by _resolve; it checks arguments itself. Other dtypes use the reference.
+    ext = _native.ext
+    if ext is not None and _native_supported(x, packed, scale, bias):
+        return ext.ternary_linear(x, packed, scale, bias, in_features, group_size, act_bits)
+    return ternary_linear_reference(x, packed, scale, bias, in_features, group_size, act_bits)
+
+
+def _triton_impl(x, packed, scale, bias, in_features, group_size, act_bits):
+    from ccli.kernels.ternary_triton import ternary_linear_triton
+
+    _check_args(x, packed, scale, bias, in_features, group_size, act_bits)
+    return ternary_linear_triton(x, packed, scale, bias, in_features, group_size, act_bits)
+
+
+def _triton_supports(device: torch.device) -> bool:
+    from ccli.kernels import ternary_triton
+
+    return ternary_triton.supports(device)
+
+
+def _resolve(device_type: str):
+    """Pick (and cache) the implementation for `device_type` under the current backend."""
+    device = torch.device(device_type)
+    name = _backend
+    if name == "reference":
+        fn = ternary_linear_reference
+    elif name == "native":
+        if device.type != "cpu":
+            raise RuntimeError(f"ternary_linear: the native backend runs on CPU tensors only, got {device.type}")
+        if _native.load() is None:
+            raise RuntimeError(f"ternary_linear: native backend unavailable: {_native.failure_reason()}")
+        fn = _native_impl
+    elif name == "triton":
+        if not _triton_supports(device):
+            raise RuntimeError(
+                f"ternary_linear: triton backend unavailable on {device.type} (needs triton, and a CUDA device, "
+                "or TRITON_INTERPRET=1 set before triton is imported for CPU tensors)"
+            )
+        fn = _triton_impl
+    elif device.type == "cpu":  # auto
+        fn = _native_impl if _native.load() is not None else ternary_linear_reference
+    elif device.type == "cuda" and _triton_supports(device):
+        fn = _triton_impl
+    else:
+        fn = ternary_linear_reference
+    _resolved[device.type] = fn
+    if device.type == "cpu":
+        # The extension's C++ CPU kernel of the op handles float32 itself only when native is selected.
+        _native.set_dispatch(fn is _native_impl)
+    return fn
+
+
+def set_backend(name: str) -> None:
+    """Force a backend for all later calls: "auto" (default), "reference", "native" or "triton"."""
+    global _backend
+    if name not in BACKENDS:
+        raise ValueError(f"unknown ternary backend {name!r}; expected one of {BACKENDS}")
+    _backend = name
+    _resolved.clear()
+    _native.set_dispatch(False)  # re-enabled by the next CPU call if native is still selected
+
+
+def get_backend() -> str:
+    return _backend
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Context manager: use backend `name` inside the block, restore the previous one after."""
+    previous = _backend
+    set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Backends that can run on `device` (may build the native kernel). "auto" is always allowed too."""
+    device = torch.device(device)
+    names = ["reference"]
+    if device.type == "cpu" and _native.load() is not None:
+        names.append("native")
+    if _triton_supports(device):
+        names.append("triton")
+    return names
+
+
+def ternary_int_matmul(
+    q: torch.Tensor, packed: torch.Tensor, in_features: int, group_size: int, backend: str = "reference"
+) -> torch.Tensor:
+    """The exact integer part of act_bits=8: int32 (N, out, G), acc[n, i, g] = sum over j in group g of
+    t[i, j] * q[n, j] for int8 q (N, in). `backend` picks the implementation ("reference", "native" or
+    "triton"); all of them return identical integers."""
+    if backend == "reference":
+        return ternary_int_matmul_reference(q, packed, in_features, group_size)
+    if backend == "native":
+        ext = _native.load()
+        if ext is None:
+            raise RuntimeError(f"ternary: native backend unavailable: {_native.failure_reason()}")
+        return ext.ternary_int_matmul(q, packed, in_features, group_size)
+    if backend == "triton":
+        from ccli.kernels.ternary_triton import ternary_int_matmul_triton
+
+        _check_packed(packed, in_features)
+        if q.dim() != 2 or q.shape[1] != in_features or q.dtype is not torch.int8:
+            raise ValueError(f"ternary_int_matmul: q must be int8 (N, {in_features}), got {q.dtype} {tuple(q.shape)}")
+        return ternary_int_matmul_triton(q, packed, in_features, group_size)
+    raise ValueError(f"ternary_int_matmul: unknown backend {backend!r} (reference, native, triton)")
+
+
+def ternary_linear_native(x, packed, scale, bias, in_features, group_size, act_bits) -> torch.Tensor:
+    """The op with the native kernel, bypassing the dispatcher (float32 CPU tensors; x is (N, in))."""
+    ext = _native.load()
+    if ext is None:
+        raise RuntimeError(f"ternary: native backend unavailable: {_native.failure_reason()}")
+    return ext.ternary_linear(x, packed, scale, bias, in_features, group_size, act_bits)
+
+
+# --- the op ---------------------------------------------------------------------------------------------
+
+_lib = torch.library.Library("ccli", "FRAGMENT")
+_lib.define(
+    "ternary_linear(Tensor x, Tensor packed, Tensor scale, Tensor? bias, int in_features, int group_size, "
+    "int act_bits) -> Tensor"
+)
+
+
+def _impl_python(x, packed, scale, bias, in_features, group_size, act_bits):
+    """The op's Python kernel, for every device (CPU calls reach it only while the native extension's
+    own C++ CPU kernel is not loaded or not selected, or for dtypes it does not handle)."""
+    fn = _resolved.get(x.device.type) or _resolve(x.device.type)
+    return fn(x, packed, scale, bias, in_features, group_size, act_bits)
+
+
+_lib.impl("ternary_linear", _impl_python, "CompositeExplicitAutograd")
+_native.python_kernel = _impl_python
+
+
+@torch.library.register_fake("ccli::ternary_linear")
+def _ternary_fake(x, packed, scale, bias, in_features, group_size, act_bits):
+    _check_args(x, packed, scale, bias, in_features, group_size, act_bits)
+    return x.new_empty((x.shape[0], packed.shape[0]))
+
+
+_OP = torch.ops.ccli.ternary_linear.default
+
+
+def ternary_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    in_features: int,
+    group_size: int,
+    act_bits: int = 8,
+) -> torch.Tensor:
+    """Ternary linear for x of shape (..., in) through the `ccli::ternary_linear` op; returns (..., out)."""
+    if x.dim() == 2:
+        return _OP(x, packed, scale, bias, in_features, group_size, act_bits)
+    shape = x.shape
+    y = _OP(x.reshape(-1, shape[-1]), packed, scale, bias, in_features, group_size, act_bits)
+    return y.view(*shape[:-1], packed.shape[0])
+
+
+# --- work accounting ------------------------------------------------------------------------------------
+
+
+def ternary_adds(n_tokens: int, in_features: int, out_features: int) -> int:
+    """Additions/subtractions of (quantised) activations of one call: N * in * out (every weight slot is
+    added or skipped: an upper bound)."""
+    return n_tokens * in_features * out_features
+
+
+def ternary_scale_macs(n_tokens: int, out_features: int, groups: int) -> int:
+    """Multiplies of the epilogue (scale per group): N * out * G (FLOP counters report these only)."""
+    return n_tokens * out_features * groups
+
+
+def adds_for_call(x_shape, packed_shape, in_features: int) -> int:
+    """`ternary_adds` of a call with x of shape (..., in) and packed weights of shape (out, in / 4)."""
+    return ternary_adds(math.prod(x_shape[:-1]), in_features, packed_shape[0])
+
+
+def _register_flop_formula() -> None:
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+
+    packet = torch.ops.ccli.ternary_linear
+    if packet in flop_registry:
+        return
+
+    @register_flop_formula(packet)
+    def _ternary_flop(x_shape, packed_shape, scale_shape, *args, out_shape=None, **kwargs):
+        return 2 * ternary_scale_macs(x_shape[0], scale_shape[0], scale_shape[1])
+
+
+def _fvcore_handle(inputs, outputs) -> float:
+    """fvcore handle: the epilogue multiply-accumulates of a traced ccli::ternary_linear node (the
+    additions are not counted, see the module doc)."""
+    n_tokens = math.prod(inputs[0].type().sizes()[:-1])
+    out_features, groups = inputs[2].type().sizes()
+    return ternary_scale_macs(n_tokens, out_features, groups)
+
+
+def _register_fvcore_handle() -> None:
+    try:
+        from ccli.measure.flops import register_flop_handle
+    except Exception:  # noqa: BLE001  # pragma: no cover - ccli.measure is part of the package
+        return
+    register_flop_handle("ccli::ternary_linear", _fvcore_handle)
+
+
+_register_flop_formula()
+_register_fvcore_handle()
