@@ -19,7 +19,8 @@ from .measure.timing import time_call
 
 ModelRef = Union[str, Loaded, None]
 
-FLOP_UNIT = "FLOPs = 2 x multiply-accumulates; elementwise ops, softmax and norms not counted"
+FLOP_UNIT = ("FLOPs = 2 x multiply-accumulates; elementwise ops, softmax and norms not counted; "
+             "the weight products of ternary layers are additions, counted apart")
 RANDOM_INIT_NOTE = "random weights: FLOPs, parameters and timings do not depend on weight values; activation statistics do"
 
 
@@ -70,6 +71,28 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
+def additions_by_component(arch: ArchView) -> dict[str, int]:
+    """Additions/subtractions per token of the add-only layers (ternary linears), by component.
+
+    FLOP counting (fvcore) counts multiply-accumulates; a ternary linear multiplies only in its
+    per-output scaling, and its weight products are additions, counted here instead. Every ternary
+    linear runs once per token position, so its additions per token are in_features x out_features."""
+    parts = {"attention_proj": 0, "ffn": 0, "other": 0}
+    attention = [b.attention.path + "." for b in arch.blocks]
+    ffn = [p + "." for b in arch.blocks for p in b.ffn.paths] + [p for b in arch.blocks for p in b.ffn.paths]
+    for name, module in arch.model.named_modules():
+        adds = getattr(module, "adds_per_token", None)
+        if adds is None:
+            continue
+        if any(name.startswith(p) for p in attention):
+            parts["attention_proj"] += adds
+        elif any(name == p or name.startswith(p) for p in ffn):
+            parts["ffn"] += adds
+        else:
+            parts["other"] += adds
+    return parts
+
+
 def flops_by_component(arch: ArchView, by_module: dict[str, int]) -> dict[str, int]:
     """Split fvcore's per-module FLOPs into components (whole input, not per token)."""
     def at(path: str) -> int:
@@ -117,6 +140,8 @@ def profile(
             "flops_per_token": round(flops.total / positions),
             "flops_by_component": {k: round(v / positions) for k, v in by_component.items()},
             "flops_unit": FLOP_UNIT,
+            "adds_per_token": sum(additions_by_component(arch).values()),
+            "adds_by_component": additions_by_component(arch),
             "uncounted_ops": flops.uncounted_ops,
             "unknown_ops": flops.unknown_ops,
             "active_neurons": active_neurons(arch, inputs),
@@ -216,43 +241,23 @@ def bench(
     return rows
 
 
-def bench_layer(
-    source: ModelRef = None,
-    *,
-    hidden: int = 768,
-    width: int = 3072,
-    trees: int = 1,
-    depth: int = 11,
-    leaf_width: int = 1,
-    tokens: Iterable[int] = (1, 128, 1024),
-    device: str = "cpu",
-    threads: int | None = None,
-    min_run_time: float = 1.0,
-) -> list[dict]:
-    """One FFF layer on every kernel that runs on `device`, against the dense FFN of the same shape.
-
-    With `source` (a converted model directory) its first FFF layer and its base model's dense FFN
-    of that block are timed; otherwise a random layer of the given shape (the default is
-    UltraFastBERT's 1x11 tree at BERT-base's hidden 768 / width 3072). Timings do not depend on
-    weight values: every token visits the same number of neurons whatever its route."""
+def _fff_layer_case(source, hidden, width, trees, depth, leaf_width):
+    """(name, FFF layer, dense FFN of the same shape, kernel module, work per token (kernel, dense))."""
     from torch import nn
 
-    from .kernels.fff import available_backends, use_backend
+    from .kernels import fff as kernels
     from .variants.fff import FFF
 
-    _check_device(device)
-    threads = threads or torch.get_num_threads()
     if source is not None:
         loaded = _as_loaded(source, False)
         found = [(i, b.ffn.replaced) for i, b in enumerate(view(loaded.model).blocks) if isinstance(b.ffn.replaced, FFF)]
         if not found:
             raise CcliError(f"'{loaded.name}' has no FFF layer to time; give a directory written by ccli convert --to fff")
         index, layer = found[0]
-        base = load(loaded.manifest["base_source"])
-        ffn = view(base.model).blocks[index].ffn
+        ffn = view(load(loaded.manifest["base_source"]).model).blocks[index].ffn
         dense = nn.Sequential(ffn.inputs[0], ffn.act, ffn.output)
         hidden, width = layer.hidden_size, ffn.width
-        name = f"{loaded.name} layer {index}"
+        name = f"{loaded.name} layer {index} FFN"
     else:
         if min(hidden, width, trees, leaf_width) < 1 or depth < 0:
             raise CcliError("--hidden, --width, --trees and --leaf-width must be >= 1 and --depth >= 0")
@@ -260,6 +265,76 @@ def bench_layer(
         layer = FFF(hidden, trees, depth, leaf_width)
         dense = nn.Sequential(nn.Linear(hidden, width), nn.GELU(), nn.Linear(width, hidden))
         name = f"random fff trees={trees} depth={depth} leaf_width={leaf_width}"
+    work = {"kernel": {"neurons_per_token": layer.neurons_per_token, "macs_per_token": 2 * hidden * layer.neurons_per_token,
+                       "adds_per_token": 0},
+            "dense": {"neurons_per_token": width, "macs_per_token": 2 * hidden * width, "adds_per_token": 0}}
+    return name, hidden, layer, dense, kernels, work
+
+
+def _ternary_layer_case(source, hidden, width, act_bits):
+    """As _fff_layer_case, for one ternary linear (in = hidden, out = width) against nn.Linear."""
+    from torch import nn
+
+    from .kernels import ternary as kernels
+    from .variants.ternary import TernaryLinear, ternary_modules
+
+    if source is not None:
+        loaded = _as_loaded(source, False)
+        found = [(n, m) for n, m in loaded.model.named_modules() if isinstance(m, TernaryLinear)]
+        if not found:
+            raise CcliError(f"'{loaded.name}' has no ternary linear to time; give a directory written by ccli convert --to ternary")
+        path, layer = max(found, key=lambda item: item[1].in_features * item[1].out_features)  # the largest
+        dense = load(loaded.manifest["base_source"]).model.get_submodule(path)
+        name = f"{loaded.name} {path}"
+    else:
+        if min(hidden, width) < 1:
+            raise CcliError("--hidden and --width must be >= 1")
+        if act_bits not in (8, 16):
+            raise CcliError(f"--act-bits must be 8 or 16 (got {act_bits})")
+        torch.manual_seed(0)
+        dense = nn.Linear(hidden, width)
+        layer = TernaryLinear.from_dense(dense.weight, dense.bias, act_bits=act_bits)
+        layer.finalize()
+        name = f"random ternary linear {hidden}->{width} act_bits={act_bits}"
+    assert ternary_modules(layer) == [layer]
+    hidden = layer.in_features
+    work = {"kernel": {"macs_per_token": layer.out_features * layer.scale.shape[1],
+                       "adds_per_token": layer.in_features * layer.out_features, "weight_bytes": layer.weight_bytes},
+            "dense": {"macs_per_token": layer.in_features * layer.out_features, "adds_per_token": 0,
+                      "weight_bytes": layer.in_features * layer.out_features * 4}}
+    return name, hidden, layer, dense, kernels, work
+
+
+def bench_layer(
+    source: ModelRef = None,
+    *,
+    to: str = "fff",
+    hidden: int = 768,
+    width: int = 3072,
+    trees: int = 1,
+    depth: int = 11,
+    leaf_width: int = 1,
+    act_bits: int = 8,
+    tokens: Iterable[int] = (1, 128, 1024),
+    device: str = "cpu",
+    threads: int | None = None,
+    min_run_time: float = 1.0,
+) -> list[dict]:
+    """One converted layer on every kernel that runs on `device`, against its dense counterpart.
+
+    `to="fff"`: an FFF layer against the dense FFN of the same shape (by default UltraFastBERT's 1x11
+    tree at BERT-base's hidden 768 / width 3072). `to="ternary"`: a ternary linear (in = hidden,
+    out = width) against the fp32 nn.Linear. With `source` (a converted model directory) its first
+    FFF layer, or its largest ternary linear, is timed against the same part of its base model.
+    Timings do not depend on weight values: every token does the same work whatever its route."""
+    _check_device(device)
+    threads = threads or torch.get_num_threads()
+    if to == "fff":
+        name, hidden, layer, dense, kernels, work = _fff_layer_case(source, hidden, width, trees, depth, leaf_width)
+    elif to == "ternary":
+        name, hidden, layer, dense, kernels, work = _ternary_layer_case(source, hidden, width, act_bits)
+    else:
+        raise CcliError(f"--to {to}: bench --layer times fff or ternary layers")
     layer, dense = layer.eval().to(device), dense.eval().to(device)
     token_counts = list(tokens)
     if not token_counts or min(token_counts) < 1:
@@ -267,7 +342,7 @@ def bench_layer(
     rows = []
     for n in token_counts:
         x = torch.randn(n, hidden, device=device)
-        timings = [("dense", None, dense)] + [(f"fff-{b}", b, layer) for b in available_backends(device)]
+        timings = [("dense", None, dense)] + [(f"{to}-{b}", b, layer) for b in kernels.available_backends(device)]
         dense_ms = None
         for kernel, backend, module in timings:
             def forward(module=module):
@@ -277,13 +352,12 @@ def bench_layer(
             if backend is None:
                 timing = time_call(forward, device=device, threads=threads, min_run_time=min_run_time)
             else:
-                with use_backend(backend):
+                with kernels.use_backend(backend):
                     timing = time_call(forward, device=device, threads=threads, min_run_time=min_run_time)
             dense_ms = dense_ms or timing.median_ms
-            neurons = width if backend is None else layer.neurons_per_token
             rows.append({
-                "layer": name, "kernel": kernel, "device": device, "tokens": n, "threads": threads,
-                "hidden": hidden, "neurons_per_token": neurons, "flops_per_token": 2 * 2 * hidden * neurons,
+                "layer": name, "kernel": kernel, "device": device, "tokens": n, "threads": threads, "hidden": hidden,
+                **work["dense" if backend is None else "kernel"],
                 "median_ms": round(timing.median_ms, 4), "iqr_ms": round(timing.iqr_ms, 4),
                 "p90_ms": round(timing.p90_ms, 4), "speedup": round(dense_ms / timing.median_ms, 2),
             })

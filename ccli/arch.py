@@ -27,11 +27,19 @@ def linear_weight(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
         return layer.weight, layer.bias
     if type(layer).__name__ == "Conv1D":
         return layer.weight.t(), layer.bias
+    if getattr(layer, "is_ccli_linear", False):  # a converted linear (e.g. ternary): its effective weights
+        return layer.dense_weight(), layer.bias
     raise TypeError(f"not a linear layer: {type(layer).__name__}")
 
 
 def is_linear(layer: nn.Module) -> bool:
+    """A dense linear layer (nn.Linear or GPT-2's Conv1D), not one ccli has converted."""
     return isinstance(layer, nn.Linear) or type(layer).__name__ == "Conv1D"
+
+
+def is_any_linear(layer: nn.Module) -> bool:
+    """A linear layer, dense or converted by a linear variant (which keeps the linear's shape)."""
+    return is_linear(layer) or getattr(layer, "is_ccli_linear", False)
 
 
 class RemovedFFN(nn.Module):
@@ -73,6 +81,19 @@ class FFNView:
         weights["w_out"], weights["b_out"] = linear_weight(self.output)
         return weights
 
+    @property
+    def converted(self) -> bool:
+        """Replaced whole by a variant, or holding linears a linear variant converted."""
+        return self.replaced is not None or any(
+            getattr(m, "is_ccli_linear", False) for m in [*self.inputs, self.output] if m is not None)
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        """The FFN as it now is (replaced or not), through its own modules, without residual or norm."""
+        if self.replaced is not None:
+            return self.replaced(x)
+        h = self.act(self.inputs[0](x)) * self.inputs[-1](x) if self.gated else self.act(self.inputs[-1](x))
+        return self.output(h)
+
     def dense_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The dense FFN as a function of its input (without dropout, residual or norm)."""
         w = self.dense_weights()
@@ -97,6 +118,20 @@ class BlockView:
     attention: AttentionView
     ffn: FFNView
 
+    def linears(self, targets: str = "all") -> dict[str, nn.Module]:
+        """This block's dense linear layers by model path, in forward order: targets 'ffn', 'attention' or 'all'."""
+        if targets not in ("ffn", "attention", "all"):
+            raise CcliError(f"unknown linear targets '{targets}': choose ffn, attention or all")
+        found: dict[str, nn.Module] = {}
+        if targets in ("attention", "all"):
+            found.update({p: m for p, m in self.attention.linears.items() if is_linear(m)})
+        if targets in ("ffn", "all") and self.ffn.replaced is None:
+            for path in self.ffn.paths:
+                for name, mod in self.module.get_submodule(path[len(self.path) + 1 :]).named_modules():
+                    if is_linear(mod):
+                        found[f"{path}.{name}" if name else path] = mod
+        return found
+
 
 @dataclass
 class ArchView:
@@ -113,18 +148,10 @@ class ArchView:
         return [b.ffn for b in self.blocks]
 
     def linears(self, targets: str = "all") -> dict[str, nn.Module]:
-        """Linear layers by path inside blocks: targets 'ffn', 'attention' or 'all'."""
-        if targets not in ("ffn", "attention", "all"):
-            raise CcliError(f"unknown linear targets '{targets}': choose ffn, attention or all")
+        """Dense linear layers by path inside blocks: targets 'ffn', 'attention' or 'all'."""
         found: dict[str, nn.Module] = {}
         for block in self.blocks:
-            if targets in ("attention", "all"):
-                found.update(block.attention.linears)
-            if targets in ("ffn", "all") and block.ffn.replaced is None:
-                for path in block.ffn.paths:
-                    for name, mod in block.ffn.block.get_submodule(path[len(block.path) + 1 :]).named_modules():
-                        if is_linear(mod):
-                            found[f"{path}.{name}" if name else path] = mod
+            found.update(block.linears(targets))
         return found
 
 
@@ -264,7 +291,7 @@ def _ffn_view(fam: Family, block: nn.Module, block_path: str) -> FFNView:
             setattr(owner, attr, module)
 
         current = host
-        replaced = not any(is_linear(m) for m in host.modules()) or getattr(host, "is_ccli_ffn", False)
+        replaced = not any(is_any_linear(m) for m in host.modules()) or getattr(host, "is_ccli_ffn", False)
 
     if replaced:
         hidden = getattr(current, "hidden_size", None) or _hidden_of(block)

@@ -4,7 +4,8 @@ A converted model is saved as a directory: `model.safetensors` (every tensor of 
 `config.json` (the base model's transformers config), the tokenizer files, and `ccli.json`, the
 manifest of what was converted (per layer: variant and its shape), where the model came from and
 how it was trained and measured. `load_converted` rebuilds the base architecture from the config,
-puts empty variant layers where the manifest says, and loads the tensors: outputs are bit-identical
+puts empty variant modules where the manifest says (`layers`: block index -> the module standing for
+that block's FFN; `linears`: module path -> a converted linear), and loads the tensors: outputs are bit-identical
 to the model that was saved.
 
 Writes are atomic: everything goes to a temporary sibling directory that is renamed into place only
@@ -89,7 +90,10 @@ def build_layer(hidden_size: int, spec: dict) -> torch.nn.Module:
     family = FAMILIES.get(spec.get("variant"))
     if family is None:
         raise CcliError(f"the manifest names an unknown variant {spec.get('variant')!r}; known: {', '.join(FAMILIES)}")
-    return family.skeleton(hidden_size, spec)
+    try:
+        return family.skeleton(hidden_size, spec)
+    except KeyError as exc:
+        raise CcliError(f"the manifest's {spec['variant']} entry lacks '{exc.args[0]}'") from exc
 
 
 def load_converted(directory: str | Path, *, name: str | None = None, attn_implementation: str | None = None):
@@ -105,9 +109,15 @@ def load_converted(directory: str | Path, *, name: str | None = None, attn_imple
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
     model = _model_class(config).from_config(config, **extra)
     arch = view(model)
-    for index, spec in manifest.get("layers", {}).items():
+    for index, spec in manifest.get("layers", {}).items():  # whole FFNs first: linears may live inside them
         block = arch.blocks[int(index)]
         block.ffn.replace(build_layer(arch.hidden_size, spec))
+    for path, spec in manifest.get("linears", {}).items():
+        try:
+            model.get_submodule(path)
+        except AttributeError as exc:
+            raise CcliError(f"{directory}: the manifest names a linear {path} that the model does not have") from exc
+        model.set_submodule(path, build_layer(arch.hidden_size, spec))
     try:
         state = load_file(str(directory / "model.safetensors"))
     except Exception as exc:

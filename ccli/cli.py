@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 import warnings
+from pathlib import Path
 from typing import List, Optional
 
 import typer
@@ -75,6 +76,17 @@ def profile(
     _emit(records, as_json, "profile")
 
 
+def _layer_family(models) -> str:
+    """The family to time with --layer when --to is not given: the converted model's first, else fff."""
+    if models:
+        from .checkpoint import MANIFEST, read_manifest
+
+        if (Path(models[0]) / MANIFEST).is_file():
+            steps = read_manifest(models[0]).get("convert") or [{"to": "fff"}]
+            return steps[0]["to"]
+    return "fff"
+
+
 @app.command()
 def bench(
     models: Optional[List[str]] = ModelsArg,
@@ -85,12 +97,14 @@ def bench(
     min_time: float = typer.Option(2.0, "--min-time", min=0.05, help="Seconds of timed runs per row."),
     no_baselines: bool = typer.Option(False, "--no-baselines", help="Skip the int8 and FFN-removed reference rows."),
     random_init: bool = RandomInitOpt,
-    layer: bool = typer.Option(False, "--layer", help="Time one FFF layer on each kernel against the dense FFN instead."),
-    hidden: int = typer.Option(768, "--hidden", help="--layer without a model: hidden size."),
-    width: int = typer.Option(3072, "--width", help="--layer without a model: dense FFN width."),
+    layer: bool = typer.Option(False, "--layer", help="Time one converted layer on each kernel against its dense counterpart instead."),
+    to: Optional[str] = typer.Option(None, "--to", help="--layer: fff (default) or ternary."),
+    hidden: int = typer.Option(768, "--hidden", help="--layer without a model: hidden size (ternary: input features)."),
+    width: int = typer.Option(3072, "--width", help="--layer without a model: dense FFN width (ternary: output features)."),
     trees: int = typer.Option(1, "--trees", help="--layer without a model: trees."),
     depth: int = typer.Option(11, "--depth", help="--layer without a model: depth."),
     leaf_width: int = typer.Option(1, "--leaf-width", help="--layer without a model: leaf width."),
+    act_bits: int = typer.Option(8, "--act-bits", help="--layer --to ternary without a model: 8 or 16."),
     tokens: str = typer.Option("1,128,1024", "--tokens", help="--layer: token counts, comma separated."),
     as_json: bool = JsonOpt,
 ):
@@ -104,8 +118,8 @@ def bench(
         counts = _run(lambda: _int_list(tokens, "--tokens"))
         with _status("benchmarking one layer", as_json):
             rows = _run(lambda: bench_layer(
-                models[0] if models else None, hidden=hidden, width=width, trees=trees, depth=depth,
-                leaf_width=leaf_width, tokens=counts, device=device, threads=threads, min_run_time=min_time,
+                models[0] if models else None, to=to or _layer_family(models), hidden=hidden, width=width,
+                trees=trees, depth=depth, leaf_width=leaf_width, act_bits=act_bits, tokens=counts, device=device, threads=threads, min_run_time=min_time,
             ))
         _emit(rows, as_json, "bench-layer")
         return
@@ -120,14 +134,19 @@ def bench(
 @app.command()
 def convert(
     model: Optional[str] = typer.Argument(None, help="Model alias, local directory or Hub id (default: the embedded minilm)."),
-    to: Optional[str] = typer.Option(None, "--to", help="Variant family: fff."),
+    to: Optional[str] = typer.Option(None, "--to", help="Variant family: fff or ternary."),
     recipe: Optional[str] = typer.Option(None, "--recipe", help="YAML recipe (explicit options override it)."),
     trees: Optional[int] = typer.Option(None, "--trees", help="fff: parallel trees per layer (default 1)."),
     depth: Optional[int] = typer.Option(None, "--depth", help="fff: tree depth (routing decisions per token)."),
     leaf_width: Optional[int] = typer.Option(None, "--leaf-width", help="fff: neurons per leaf (1 = UltraFastBERT)."),
+    targets: Optional[str] = typer.Option(None, "--targets", help="ternary: which linears: ffn, attention or all (default all)."),
+    act_bits: Optional[int] = typer.Option(None, "--act-bits", help="ternary: 8 (int8 activations, default) or 16 (float, weight-only)."),
+    scale: Optional[str] = typer.Option(None, "--scale", help="ternary: weight scale per tensor (default), channel or group."),
+    group_size: Optional[int] = typer.Option(None, "--group-size", help="ternary: input columns per scale with --scale group (default 128)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Layer-wise training steps per layer."),
     e2e_steps: Optional[int] = typer.Option(None, "--e2e-steps", help="End-to-end training steps after the layers."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Layer-wise learning rate."),
+    e2e_lr: Optional[float] = typer.Option(None, "--e2e-lr", help="End-to-end learning rate."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
     tokens: Optional[int] = typer.Option(None, "--tokens", help="Calibration tokens per layer."),
     data: Optional[str] = typer.Option(None, "--data", help="Training text: bundled, a .txt or .jsonl file, or hf:NAME."),
@@ -136,13 +155,15 @@ def convert(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
     as_json: bool = JsonOpt,
 ):
-    """Convert a model's FFNs into a conditional-compute variant by distillation, and measure fidelity."""
+    """Convert a model's FFNs (fff) or linear layers (ternary) into a conditional-compute variant by
+    distillation, and measure fidelity."""
     from .conversion import convert as run_convert
 
-    params = {"trees": trees, "depth": depth, "leaf_width": leaf_width}
+    params = {"trees": trees, "depth": depth, "leaf_width": leaf_width,
+              "targets": targets, "act_bits": act_bits, "scale": scale, "group_size": group_size}
     record = _run(lambda: run_convert(
         model, to=to, params=params, recipe=recipe, data=data, out=out, resume=resume, overwrite=overwrite,
-        steps=steps, e2e_steps=e2e_steps, lr=lr, seed=seed, tokens=tokens,
+        steps=steps, e2e_steps=e2e_steps, lr=lr, e2e_lr=e2e_lr, seed=seed, tokens=tokens,
     ))
     _emit([record], as_json, "convert")
 

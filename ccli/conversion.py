@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, fields
+import inspect
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 
+from .api import additions_by_component, flops_by_component, weight_bytes
 from .arch import view
 from .data import load_paragraphs
 from .distill import DistillConfig, Progress, distill, tokenize
@@ -20,7 +22,6 @@ from .variants.base import DenseFFN
 
 
 def _ffn_flops_per_token(loaded: Loaded, seq: int = 128) -> int:
-    from .api import flops_by_component
 
     inputs = build_inputs(loaded, seq=seq)
     counted = count_flops(loaded.model, inputs)
@@ -74,14 +75,17 @@ def convert(
     student = copy.deepcopy(teacher.model)
     teacher_ffns = {i: DenseFFN.from_view(b.ffn) for i, b in enumerate(arch.blocks)}
     progress = Progress(enabled=show_progress)
-    reports, layer_specs = [], {}
+    reports, specs_by_kind = [], {"ffn": {}, "linear": {}}
     for n, step in enumerate(plan["convert"]):
-        variant = FAMILIES[step["to"]](**{k: v for k, v in step.items() if k != "to"})
-        run_key = {"model": teacher.source, "variant": variant.spec(), "distill": asdict(cfg), "data": plan["data"], "step": n}
+        variant = FAMILIES[step["to"]](**_variant_kwargs(step))
+        # a step may convert only some blocks; end-to-end training runs once, after the last step
+        step_cfg = replace(cfg, layers=step.get("layers", cfg.layers),
+                           e2e_steps=cfg.e2e_steps if n == len(plan["convert"]) - 1 else 0)
+        run_key = {"model": teacher.source, "variant": variant.spec(), "distill": asdict(step_cfg), "data": plan["data"], "step": n}
         checkpoint = _progress_path(out_path).with_suffix(f".{n}.pt") if out_path else None
-        specs, report = distill(student, teacher.model, variant, batches, cfg, checkpoint=checkpoint,
+        specs, report = distill(student, teacher.model, variant, batches, step_cfg, checkpoint=checkpoint,
                                 resume=resume, run_key=run_key, progress=progress)
-        layer_specs.update(specs)
+        specs_by_kind[variant.kind].update(specs)
         reports.append(report)
 
     student_loaded = Loaded(student.eval(), teacher.tokenizer, f"{teacher.name} ({_describe(plan['convert'])})", "converted")
@@ -99,6 +103,9 @@ def convert(
         "ffn_flops_per_token": _ffn_flops_per_token(student_loaded),
     }
     record["ffn_flops_reduction"] = round(record["ffn_flops_per_token_dense"] / max(record["ffn_flops_per_token"], 1), 2)
+    record["weight_bytes_dense"] = weight_bytes(teacher.model)
+    record["weight_bytes"] = weight_bytes(student)
+    record["adds_per_token"] = sum(additions_by_component(view(student)).values())
     if evaluate_fidelity:
         progress.log("measuring fidelity on held-out text")
         record["fidelity"] = compare(student, teacher.model, teacher.tokenizer, heldout, cfg.max_length)
@@ -111,7 +118,8 @@ def convert(
             "base_source": teacher.source,
             "family": arch.family,
             "convert": plan["convert"],
-            "layers": {str(i): spec for i, spec in layer_specs.items()},
+            "layers": specs_by_kind["ffn"],  # block index -> spec of the module standing for its FFN
+            "linears": specs_by_kind["linear"],  # module path -> spec of the converted linear
             "distill": asdict(cfg),
             "data": plan["data"] or "bundled",
             "fidelity": record.get("fidelity"),
@@ -120,6 +128,11 @@ def convert(
         for n in range(len(plan["convert"])):
             _progress_path(out_path).with_suffix(f".{n}.pt").unlink(missing_ok=True)
     return record
+
+
+def _variant_kwargs(step: dict) -> dict:
+    """A convert step's variant parameters (without 'to' and the step's own 'layers')."""
+    return {k: v for k, v in step.items() if k not in ("to", "layers")}
 
 
 def _describe(convert_steps: list[dict]) -> str:
@@ -146,7 +159,13 @@ def _plan(model, to, params, recipe, data, distill_options) -> dict:
     if not convert_steps:
         raise CcliError("say what to convert to: --to fff, or --recipe FILE")
     for step in convert_steps:  # build once to validate the parameters early
-        FAMILIES[step["to"]](**{k: v for k, v in step.items() if k != "to"})
+        family = FAMILIES[step["to"]]
+        allowed = inspect.signature(family.__init__).parameters
+        for key in _variant_kwargs(step):
+            if key not in allowed:
+                raise CcliError(f"--{key.replace('_', '-')} does not apply to {step['to']} "
+                                f"(its options: {', '.join('--' + k.replace('_', '-') for k in allowed if k != 'self')})")
+        family(**_variant_kwargs(step))
     known = {f.name for f in fields(DistillConfig)}
     unknown = set(distill_options) - known
     if unknown:

@@ -1,13 +1,15 @@
 """The distillation engine every variant family shares.
 
-Conversion runs in two stages:
-1. Layer by layer, in order. For layer l the engine collects the FFN's real inputs from the student
-   as converted so far (layers < l already replaced, so each layer learns to work with what the
-   earlier converted layers really produce), computes the dense teacher FFN's outputs on those
-   inputs, builds the new layer from the dense one (`variant.init_from_dense`) and trains it to
-   match (relative MSE). A progress checkpoint is written after every layer.
-2. Optionally end to end: all converted layers are trained together so that the student's final
+A variant family names the *units* it replaces (`Variant.units`): whole FFNs (fff, moe) or single
+linear layers (ternary). Conversion runs in two stages, the same for every family:
+1. Unit by unit, in forward order. For each unit the engine collects its real inputs from the
+   student as converted so far (earlier units already replaced, so each one learns to work with
+   what the converted units before it really produce), computes the dense teacher's outputs on
+   those inputs, builds the new module from the dense one (`unit.build`) and trains it to match
+   (relative MSE). A progress checkpoint is written after every unit.
+2. Optionally end to end: all converted modules are trained together so that the student's final
    hidden states match the teacher's on the same text.
+Finally every converted module's `finalize()` (if it has one) drops what only training needed.
 
 Progress goes to stderr (rich progress bars when stderr is a terminal). `resume=True` continues
 from the last checkpoint of an identical run.
@@ -27,7 +29,7 @@ from torch import nn
 
 from .arch import ArchView, view
 from .errors import CcliError
-from .variants.base import DenseFFN, FFNVariant
+from .variants.base import Unit, Variant
 
 
 @dataclass
@@ -56,7 +58,8 @@ class DistillConfig:
 
 @dataclass
 class LayerReport:
-    layer: int
+    layer: int  # block index
+    target: str  # "ffn", or the path of the linear inside the model
     init_rel_error: float  # relative MSE of the initialised layer on its calibration tokens
     final_rel_error: float
     seconds: float
@@ -89,7 +92,12 @@ def tokenize(tokenizer, paragraphs: list[str], max_length: int, batch_size: int 
 
 def collect_ffn_inputs(model: nn.Module, arch: ArchView, layer: int, batches: list[dict], tokens: int) -> torch.Tensor:
     """Up to `tokens` real (non-padding) inputs of block `layer`'s FFN: (tokens, H)."""
-    first = model.get_submodule(arch.blocks[layer].ffn.paths[0])
+    return collect_inputs(model, arch.blocks[layer].ffn.paths[0], batches, tokens)
+
+
+def collect_inputs(model: nn.Module, path: str, batches: list[dict], tokens: int) -> torch.Tensor:
+    """Up to `tokens` real (non-padding) inputs of the module at `path`: (tokens, features)."""
+    first = model.get_submodule(path)
     captured: list[torch.Tensor] = []
     count = 0
     current_mask: dict = {}
@@ -207,7 +215,7 @@ def _atomic_save(obj, path: Path) -> None:
 def distill(
     student: nn.Module,
     teacher: nn.Module,
-    variant: FFNVariant,
+    variant: Variant,
     train_batches: list[dict],
     cfg: DistillConfig,
     *,
@@ -215,59 +223,69 @@ def distill(
     resume: bool = False,
     run_key: dict | None = None,
     progress: Progress | None = None,
-) -> tuple[dict[int, dict], DistillReport]:
-    """Convert the FFNs of `student` (a copy of `teacher`) in place. Returns ({layer: spec}, report)."""
+) -> tuple[dict[str, dict], DistillReport]:
+    """Convert the units of `student` (a copy of `teacher`) that `variant` names, in place.
+    Returns ({unit key: spec}, report)."""
     cfg.validate()
     progress = progress or Progress(enabled=False)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    arch = view(student)
-    layers = cfg.layers if cfg.layers is not None else list(range(len(arch.blocks)))
-    bad = [i for i in layers if not 0 <= i < len(arch.blocks)]
+    n_blocks = len(view(student).blocks)
+    blocks = cfg.layers if cfg.layers is not None else list(range(n_blocks))
+    bad = [i for i in blocks if not 0 <= i < n_blocks]
     if bad:
-        raise CcliError(f"--layers {bad[0]} is out of range: the model has blocks 0-{len(arch.blocks) - 1}")
+        raise CcliError(f"--layers {bad[0]} is out of range: the model has blocks 0-{n_blocks - 1}")
     report = DistillReport()
-    specs: dict[int, dict] = {}
+    specs: dict[str, dict] = {}
     state = _load_progress(checkpoint, run_key) if resume else None
     start = time.perf_counter()
     with progress:
-        for i in layers:
-            ffn = view(student).blocks[i].ffn
-            dense = DenseFFN.from_view(ffn)
-            if state and i in state["layers"]:
-                spec = state["specs"][i]
-                layer = type(variant).skeleton(dense.hidden_size, spec)
-                layer.load_state_dict(state["layers"][i])
-                ffn.replace(layer.eval())
-                specs[i] = spec
-                report.layers.append(state["reports"][i])
-                progress.log(f"layer {i}: restored from checkpoint")
-                continue
-            t0 = time.perf_counter()
-            x = collect_ffn_inputs(student, view(student), i, train_batches, cfg.tokens)
-            with torch.no_grad():
-                y = dense(x)
-            layer = variant.init_from_dense(dense, x, seed=cfg.seed + i)
-            task = progress.task(f"layer {i}", cfg.steps)
-            before, after = fit_layer(layer, x, y, cfg, seed=cfg.seed + i,
-                                      on_step=lambda s, loss: progress.update(task, info=f"rel. error {loss:.4f}"))
-            ffn.replace(layer.eval())
-            spec = {**variant.spec(), "activation": dense.activation}
-            specs[i] = spec
-            layer_report = LayerReport(i, before, after, time.perf_counter() - t0)
-            report.layers.append(layer_report)
-            progress.log(f"layer {i}: FFN relative error {before:.4f} after init -> {after:.4f} after {cfg.steps} steps "
-                         f"({layer_report.seconds:.1f}s, {x.shape[0]} tokens)")
-            if checkpoint is not None:
-                state = state or {"key": run_key, "layers": {}, "specs": {}, "reports": {}}
-                state["layers"][i] = layer.state_dict()
-                state["specs"][i] = spec
-                state["reports"][i] = layer_report
-                _atomic_save(state, checkpoint)
+        for block in blocks:
+            units = variant.units(view(student), block)
+            if not units:
+                raise CcliError(f"block {block} has nothing left for {variant.name} to convert")
+            for n, unit in enumerate(units):
+                if state and unit.key in state["modules"]:
+                    module = type(variant).skeleton(view(student).hidden_size, state["specs"][unit.key])
+                    module.load_state_dict(state["modules"][unit.key])
+                    unit.install(module.eval())
+                    specs[unit.key] = state["specs"][unit.key]
+                    report.layers.append(state["reports"][unit.key])
+                    progress.log(f"{_unit_name(unit)}: restored from checkpoint")
+                    continue
+                t0 = time.perf_counter()
+                x = collect_inputs(student, unit.capture_path, train_batches, cfg.tokens)
+                with torch.no_grad():
+                    y = unit.teacher(x)
+                seed = cfg.seed + 1000 * block + n
+                module = unit.build(x, seed)
+                task = progress.task(_unit_name(unit), cfg.steps)
+                before, after = fit_layer(module, x, y, cfg, seed=seed,
+                                          on_step=lambda s, loss: progress.update(task, info=f"rel. error {loss:.4f}"))
+                unit.install(module.eval())
+                specs[unit.key] = unit.spec
+                unit_report = LayerReport(block, "ffn" if unit.kind == "ffn" else unit.key, before, after,
+                                          time.perf_counter() - t0)
+                report.layers.append(unit_report)
+                progress.log(f"{_unit_name(unit)}: relative error {before:.4f} after init -> {after:.4f} after "
+                             f"{cfg.steps} steps ({unit_report.seconds:.1f}s, {x.shape[0]} tokens)")
+                if checkpoint is not None:
+                    state = state or {"key": run_key, "modules": {}, "specs": {}, "reports": {}}
+                    state["modules"][unit.key] = module.state_dict()
+                    state["specs"][unit.key] = unit.spec
+                    state["reports"][unit.key] = unit_report
+                    _atomic_save(state, checkpoint)
         if cfg.e2e_steps:
             report.e2e_losses = end_to_end(student, teacher, train_batches, cfg, progress)
+    for module in converted_modules(student):
+        if hasattr(module, "finalize"):
+            module.finalize()
     report.seconds = time.perf_counter() - start
     return specs, report
+
+
+def _unit_name(unit: Unit) -> str:
+    return f"layer {unit.block} FFN" if unit.kind == "ffn" else unit.key
 
 
 def _load_progress(checkpoint: Path | None, run_key: dict | None):
@@ -283,7 +301,8 @@ def _load_progress(checkpoint: Path | None, run_key: dict | None):
 
 
 def converted_modules(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if getattr(m, "is_ccli_ffn", False)]
+    """Every module a variant put into `model` (they carry `is_ccli_module`)."""
+    return [m for m in model.modules() if getattr(m, "is_ccli_module", False)]
 
 
 def _hidden(out) -> torch.Tensor:
@@ -303,7 +322,7 @@ def end_to_end(student: nn.Module, teacher: nn.Module, batches: list[dict], cfg:
         p.requires_grad_(True)
     student.eval()
     for m in layers:
-        m.train()  # hard-routed masked path: gradients reach the visited neurons
+        m.train()  # each family's training path (FFF: hard-routed masked; ternary: straight-through)
     optimizer = torch.optim.Adam(params, lr=cfg.e2e_lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.e2e_steps)
     generator = random.Random(cfg.seed)

@@ -7,6 +7,7 @@
         trees: 1
         depth: 3
         leaf_width: 48
+        layers: [0, 1, 2]         # optional: this step converts only these blocks
     distill:                      # optional; any DistillConfig field
       steps: 300
       e2e_steps: 200
@@ -29,8 +30,9 @@ TOP_LEVEL = {"model", "data", "convert", "distill", "description"}
 
 
 def _variant_params(family) -> dict[str, type]:
+    """A family's parameters and their types (the type of each default value)."""
     signature = inspect.signature(family.__init__)
-    return {n: p.annotation for n, p in signature.parameters.items() if n != "self"}
+    return {n: type(p.default) for n, p in signature.parameters.items() if n != "self"}
 
 
 def load_recipe(path: str | Path) -> dict:
@@ -70,10 +72,16 @@ def load_recipe(path: str | Path) -> dict:
         for key, value in step.items():
             if key == "to":
                 continue
+            if key == "layers":  # this step converts only these blocks
+                if not isinstance(value, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+                    raise CcliError(f"{where}: 'convert[{n}].layers' must be a list of block indices (got {value!r})")
+                continue
             if key not in allowed:
-                raise CcliError(f"{where}: unknown key 'convert[{n}].{key}' for {step['to']} (allowed: {', '.join(allowed)})")
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise CcliError(f"{where}: 'convert[{n}].{key}' must be an integer (got {value!r})")
+                raise CcliError(f"{where}: unknown key 'convert[{n}].{key}' for {step['to']} (allowed: {', '.join([*allowed, 'layers'])})")
+            expected = allowed[key]
+            if not isinstance(value, expected) or isinstance(value, bool):
+                kind = "an integer" if expected is int else "a string" if expected is str else expected.__name__
+                raise CcliError(f"{where}: 'convert[{n}].{key}' must be {kind} (got {value!r})")
         convert.append(dict(step))
 
     distill = raw.get("distill") or {}

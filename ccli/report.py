@@ -50,6 +50,10 @@ def profile_tables(records: list[dict]) -> list[Table]:
     row("FLOPs / token", lambda r: r["flops_per_token"])
     for part in first["flops_by_component"]:
         row(f"  {part}", lambda r, part=part: r["flops_by_component"].get(part))
+    if any(r.get("adds_per_token") for r in records):
+        row("additions / token (ternary)", lambda r: r.get("adds_per_token"))
+        for part in first.get("adds_by_component", {}):
+            row(f"  {part}", lambda r, part=part: r.get("adds_by_component", {}).get(part))
     if "flops_per_token_torch" in first:
         row("FLOPs / token (torch check)", lambda r: r.get("flops_per_token_torch"), ratio=False)
     summary.add_row(
@@ -122,7 +126,7 @@ def fidelity_tables(record: dict) -> list[Table]:
     layers = Table(title="per-layer FFN relative error (0 = exact, 1 = no better than the mean)")
     layers.add_column("layer", justify="right")
     layers.add_column("held-out", justify="right")
-    train = {r["layer"]: r for r in record.get("layers", [])}
+    train = {r["layer"]: r for r in record.get("layers", []) if r.get("target", "ffn") == "ffn"}
     if train:
         layers.add_column("training: after init", justify="right")
         layers.add_column("after distillation", justify="right")
@@ -132,7 +136,16 @@ def fidelity_tables(record: dict) -> list[Table]:
             t = train.get(int(index))
             cells += [f"{t['init_rel_error']:.4f}", f"{t['final_rel_error']:.4f}"] if t else ["", ""]
         layers.add_row(*cells)
-    return [table, layers]
+    tables = [table, layers]
+    linears = [r for r in record.get("layers", []) if r.get("target", "ffn") != "ffn"]
+    if linears:
+        trained = Table(title="converted linears: relative error on their training inputs")
+        for name in ("linear", "after init", "after distillation"):
+            trained.add_column(name, justify="left" if name == "linear" else "right")
+        for r in linears:
+            trained.add_row(r["target"], f"{r['init_rel_error']:.4f}", f"{r['final_rel_error']:.4f}")
+        tables.append(trained)
+    return tables
 
 
 def convert_tables(record: dict) -> list[Table]:
@@ -144,6 +157,12 @@ def convert_tables(record: dict) -> list[Table]:
     summary.add_row("FFN FLOPs / token: dense -> converted",
                     f"{_si(record['ffn_flops_per_token_dense'])} -> {_si(record['ffn_flops_per_token'])} "
                     f"({record['ffn_flops_reduction']:.2f}x fewer)")
+    if record.get("weight_bytes"):
+        summary.add_row("weight bytes: dense -> converted",
+                        f"{_si(record['weight_bytes_dense'], 'B')} -> {_si(record['weight_bytes'], 'B')} "
+                        f"({record['weight_bytes_dense'] / record['weight_bytes']:.2f}x smaller)")
+    if record.get("adds_per_token"):
+        summary.add_row("additions / token (ternary layers)", _si(record["adds_per_token"]))
     summary.add_row("training time", f"{record['seconds']:.0f} s")
     if record.get("e2e_loss_first") is not None:
         summary.add_row("end-to-end hidden-state error", f"{record['e2e_loss_first']:.4f} -> {record['e2e_loss_last']:.4f}")
@@ -155,11 +174,16 @@ def convert_tables(record: dict) -> list[Table]:
 def layer_table(rows: list[dict]) -> Table:
     first = rows[0]
     table = Table(title=f"ccli bench --layer: {first['layer']} (hidden {first['hidden']}), {first['device']}, {first['threads']} thread(s)",
-                  caption="speedup against the dense FFN at the same number of tokens")
-    for name in ("tokens", "kernel", "neurons/token", "median ms", "IQR ms", "p90 ms", "speedup"):
+                  caption="speedup against the dense layer at the same number of tokens; "
+                          "MAC = multiply-accumulate, add = addition or subtraction")
+    fff = "neurons_per_token" in first
+    columns = ["tokens", "kernel"] + (["neurons/token"] if fff else ["weight bytes", "adds/token"]) + \
+        ["MACs/token", "median ms", "IQR ms", "p90 ms", "speedup"]
+    for name in columns:
         table.add_column(name, justify="left" if name == "kernel" else "right")
     for r in rows:
-        table.add_row(str(r["tokens"]), r["kernel"], str(r["neurons_per_token"]), f"{r['median_ms']:.4f}",
+        work = [str(r["neurons_per_token"])] if fff else [_si(r["weight_bytes"], "B"), _si(r["adds_per_token"])]
+        table.add_row(str(r["tokens"]), r["kernel"], *work, _si(r["macs_per_token"]), f"{r['median_ms']:.4f}",
                       f"{r['iqr_ms']:.4f}", f"{r['p90_ms']:.4f}", f"{r['speedup']:.1f}x")
     return table
 

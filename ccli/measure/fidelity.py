@@ -49,18 +49,19 @@ def _encode(model, tokenizer, texts: list[str], max_length: int, batch_size: int
 
 
 def ffn_errors(student: nn.Module, teacher_ffns: dict[int, DenseFFN], batches: list[dict], tokens: int = 8192) -> dict[int, float]:
-    """Relative error of each converted FFN against its dense teacher, on the student's inputs."""
+    """Relative error of each converted FFN (replaced whole, or with converted linears inside) against
+    its dense teacher, on the student's own inputs."""
     from ..distill import collect_ffn_inputs
 
     arch = view(student)
     errors = {}
     for i, dense in teacher_ffns.items():
         ffn = arch.blocks[i].ffn
-        if ffn.replaced is None:
+        if not ffn.converted:
             continue
         x = collect_ffn_inputs(student, arch, i, batches, tokens)
         with torch.inference_mode():
-            errors[i] = round(relative_error(ffn.replaced(x), dense(x)).item(), 5)
+            errors[i] = round(relative_error(ffn.run(x), dense(x)).item(), 5)
     return errors
 
 

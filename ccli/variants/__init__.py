@@ -3,9 +3,10 @@ is rebuilt empty for reloading, and what it trains on. `FAMILIES` maps `--to NAM
 
 from __future__ import annotations
 
-from .base import FFNVariant
+from .base import FFNVariant, LinearVariant, Variant
 from .fff import FFFVariant
+from .ternary import TernaryVariant
 
-FAMILIES: dict[str, type[FFNVariant]] = {"fff": FFFVariant}
+FAMILIES: dict[str, type[Variant]] = {"fff": FFFVariant, "ternary": TernaryVariant}
 
-__all__ = ["FAMILIES", "FFNVariant"]
+__all__ = ["FAMILIES", "FFNVariant", "LinearVariant", "Variant"]

@@ -41,6 +41,7 @@ class FFF(nn.Module):
     """K fast feedforward trees of depth D with leaves of W neurons (see module doc)."""
 
     is_ccli_ffn = True
+    is_ccli_module = True
 
     def __init__(self, hidden_size: int, trees: int = 1, depth: int = 11, leaf_width: int = 1,
                  activation: str = "gelu", output_bias: bool = True):

@@ -1,0 +1,177 @@
+"""Ternary (1.58-bit) linear layers, after BitNet b1.58 (Ma et al. 2024), built from dense linears.
+
+Weights are {-1, 0, +1} times an absmean scale: per tensor (the default, as in BitNet), per output
+channel, or per group of input columns. Activations are quantised per token to int8 with an absmax
+scale (`act_bits=8`), or kept in float (`act_bits=16`, a weight-only variant). Multiplications by
+weights become additions and subtractions of (quantised) activations: see ccli.kernels.ternary.
+
+A `TernaryLinear` has two lives:
+- during conversion it keeps a float *latent* weight, trained with a straight-through estimator
+  (the forward pass sees the quantised weights and activations, the gradient flows to the latent
+  weight as if quantisation were the identity); in eval mode it packs the current latent weight
+  and runs the kernel, exactly as the saved model will;
+- `finalize()` drops the latent weight: what remains (2-bit packed weights, scales, bias) is what is
+  saved, and the forward pass always runs the packed kernel.
+
+Conversion (`TernaryVariant`) starts each layer from plain post-training ternarisation of the dense
+weight and lets the shared distillation engine (ccli.distill) train the latent weights layer by
+layer against the dense linear's outputs on real inputs, then end to end.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..errors import CcliError
+from .base import LinearVariant
+
+GRANULARITIES = ("tensor", "channel", "group")
+TARGETS = ("ffn", "attention", "all")
+
+
+def _kernels():
+    from ..kernels import ternary
+
+    return ternary
+
+
+class TernaryLinear(nn.Module):
+    """y = x W^T + b with W ternary times scales; see the module doc."""
+
+    is_ccli_module = True
+    is_ccli_linear = True
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, granularity: str = "tensor",
+                 group_size: int = 128, act_bits: int = 8):
+        super().__init__()
+        if granularity not in GRANULARITIES:
+            raise CcliError(f"ternary: scale granularity must be one of {', '.join(GRANULARITIES)} (got {granularity!r})")
+        if act_bits not in (8, 16):
+            raise CcliError(f"ternary: act-bits must be 8 or 16 (got {act_bits!r})")
+        self.in_features, self.out_features = in_features, out_features
+        self.granularity, self.act_bits = granularity, act_bits
+        # The kernel sees groups of input columns; tensor and channel scales are one group per row.
+        self.group_size = group_size if granularity == "group" else in_features
+        groups = math.ceil(in_features / self.group_size)
+        self.register_buffer("packed", torch.zeros(out_features, math.ceil(in_features / 4), dtype=torch.uint8))
+        self.register_buffer("scale", torch.ones(out_features, groups))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.register_parameter("weight", None)  # the latent float weight, during conversion only
+        self._packed_version: tuple | None = None
+
+    @classmethod
+    def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None, granularity: str = "tensor",
+                   group_size: int = 128, act_bits: int = 8) -> "TernaryLinear":
+        """Plain post-training ternarisation of a dense (out, in) weight; the latent weight stays trainable."""
+        layer = cls(weight.shape[1], weight.shape[0], bias is not None, granularity, group_size, act_bits)
+        layer.weight = nn.Parameter(weight.detach().clone().float())
+        if bias is not None:
+            layer.bias.data.copy_(bias.detach().float())
+        layer._sync()
+        return layer
+
+    def extra_repr(self) -> str:
+        scale = f"group {self.group_size}" if self.granularity == "group" else self.granularity
+        return (f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, scale={scale}, "
+                f"act_bits={self.act_bits}{', latent weight' if self.weight is not None else ''}")
+
+    # -- weights -----------------------------------------------------------------------------------
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # a progress checkpoint taken mid-conversion also holds the latent weight
+        if prefix + "weight" in state_dict and self.weight is None:
+            self.weight = nn.Parameter(torch.empty(self.out_features, self.in_features))
+            self._packed_version = None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _sync(self) -> None:
+        """Re-pack the latent weight into the buffers if it changed since the last packing."""
+        if self.weight is None:
+            return
+        key = (self.weight.data_ptr(), self.weight._version)
+        if key == self._packed_version:
+            return
+        k = _kernels()
+        with torch.no_grad():
+            t, scale, _ = k.quantize_weights(self.weight, self.granularity, self.group_size)
+            self.packed.copy_(k.pack_ternary(t))
+            self.scale.copy_(scale)
+        self._packed_version = key
+
+    def finalize(self) -> None:
+        """Drop the latent weight: from now on the layer is its packed weights, scales and bias."""
+        self._sync()
+        self.weight = None
+        self._packed_version = None
+
+    def ternary_weight(self) -> torch.Tensor:
+        """The weights as int8 {-1, 0, +1} (out, in)."""
+        self._sync()
+        return _kernels().unpack_ternary(self.packed, self.in_features)
+
+    def dense_weight(self) -> torch.Tensor:
+        """The effective float weight (out, in): ternary values times their scales."""
+        scale = self.scale.repeat_interleave(self.group_size, dim=1)[:, : self.in_features]
+        return self.ternary_weight().float() * scale
+
+    @property
+    def adds_per_token(self) -> int:
+        """Additions/subtractions of (quantised) activations per token: one per weight slot."""
+        return self.in_features * self.out_features
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of what inference keeps: packed weights and scales (bias not included)."""
+        return self.packed.numel() * self.packed.element_size() + self.scale.numel() * self.scale.element_size()
+
+    # -- forward -----------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is not None and self.training and torch.is_grad_enabled():
+            return self._forward_ste(x)
+        self._sync()
+        return _kernels().ternary_linear(x, self.packed, self.scale, self.bias, self.in_features, self.group_size,
+                                         self.act_bits)
+
+    def _forward_ste(self, x: torch.Tensor) -> torch.Tensor:
+        """Quantisation-aware forward: quantised values forward, identity gradient (STE) backward."""
+        k = _kernels()
+        w = self.weight
+        w_q = w + (k.absmean_ternarize(w, self.granularity, self.group_size) - w).detach()
+        if self.act_bits == 8:
+            flat = x.reshape(-1, self.in_features)
+            q, sx = k.quantize_activations(flat.detach())
+            x = x + ((q.float() * sx).view_as(x) - x).detach()
+        return nn.functional.linear(x, w_q, self.bias)
+
+
+def ternary_modules(model: nn.Module) -> list[TernaryLinear]:
+    return [m for m in model.modules() if isinstance(m, TernaryLinear)]
+
+
+class TernaryVariant(LinearVariant):
+    name = "ternary"
+
+    def __init__(self, targets: str = "all", act_bits: int = 8, scale: str = "tensor", group_size: int = 128):
+        if targets not in TARGETS:
+            raise CcliError(f"ternary: targets must be one of {', '.join(TARGETS)} (got {targets!r})")
+        if scale not in GRANULARITIES:
+            raise CcliError(f"ternary: scale must be one of {', '.join(GRANULARITIES)} (got {scale!r})")
+        if act_bits not in (8, 16):
+            raise CcliError(f"ternary: act-bits must be 8 or 16 (got {act_bits!r})")
+        if not isinstance(group_size, int) or group_size < 1:
+            raise CcliError(f"ternary: group-size must be a positive integer (got {group_size!r})")
+        super().__init__(targets=targets, act_bits=act_bits, scale=scale, group_size=group_size)
+
+    @classmethod
+    def skeleton(cls, hidden_size: int, spec: dict) -> TernaryLinear:
+        return TernaryLinear(spec["in_features"], spec["out_features"], spec["bias"], spec["scale"],
+                             spec["group_size"], spec["act_bits"])
+
+    def init_from_dense(self, linear: nn.Module, x: torch.Tensor, seed: int) -> TernaryLinear:
+        from ..arch import linear_weight
+
+        weight, bias = linear_weight(linear)
+        p = self.params
+        return TernaryLinear.from_dense(weight, bias, p["scale"], p["group_size"], p["act_bits"])

@@ -1,0 +1,145 @@
+"""The ternary linear (ccli.variants.ternary) and the linear-unit path of the distillation engine, on
+tiny models of every family: quantisation, straight-through training, finalising, the units each
+`--targets` picks, additions counting, and save/reload to bit-identical outputs."""
+
+import pytest
+import torch
+from torch import nn
+
+from ccli.arch import view
+from ccli.checkpoint import load_converted, save_converted
+from ccli.distill import DistillConfig, distill
+from ccli.errors import CcliError
+from ccli.kernels.ternary import unpack_ternary
+from ccli.variants.ternary import TernaryLinear, TernaryVariant, ternary_modules
+
+from tiny import HIDDEN, LAYERS, WIDTH, tiny
+
+
+def _dense(in_features=48, out_features=20, seed=0):
+    torch.manual_seed(seed)
+    return nn.Linear(in_features, out_features)
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "group"])
+def test_weights_are_ternary_times_absmean_scales(granularity):
+    dense = _dense(50, 12)
+    layer = TernaryLinear.from_dense(dense.weight, dense.bias, granularity, group_size=16)
+    t = layer.ternary_weight()
+    assert set(t.unique().tolist()) <= {-1, 0, 1}
+    w = dense.weight.detach()
+    if granularity == "tensor":
+        assert torch.allclose(layer.scale, w.abs().mean().expand_as(layer.scale))
+    elif granularity == "channel":
+        assert torch.allclose(layer.scale[:, 0], w.abs().mean(1))
+    else:
+        assert layer.scale.shape == (12, 4)  # ceil(50 / 16) groups, the last one short
+        assert torch.allclose(layer.scale[:, 3], w[:, 48:].abs().mean(1))
+    assert torch.equal(unpack_ternary(layer.packed, 50), t)
+
+
+@pytest.mark.parametrize("act_bits", [8, 16])
+def test_forward_is_ternary_weights_on_quantised_activations(act_bits):
+    dense = _dense()
+    layer = TernaryLinear.from_dense(dense.weight, dense.bias, act_bits=act_bits).eval()
+    x = torch.randn(7, 48)
+    w = layer.dense_weight()
+    if act_bits == 8:
+        scale = x.abs().amax(-1, keepdim=True) / 127
+        expected = nn.functional.linear(torch.round(x / scale).clamp(-127, 127) * scale, w, dense.bias)
+    else:
+        expected = nn.functional.linear(x, w, dense.bias)
+    with torch.no_grad():
+        assert torch.allclose(layer(x), expected, atol=1e-4, rtol=1e-4)
+        layer.train()  # the straight-through training path computes the same values
+        with torch.enable_grad():
+            assert torch.allclose(layer(x), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_straight_through_gradients_reach_the_latent_weight_and_finalize_drops_it():
+    dense = _dense()
+    layer = TernaryLinear.from_dense(dense.weight, dense.bias).train()
+    layer(torch.randn(5, 48)).pow(2).sum().backward()
+    assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+    before = layer.eval()(torch.ones(2, 48))
+    layer.finalize()
+    assert layer.weight is None and "weight" not in layer.state_dict()
+    assert torch.equal(layer(torch.ones(2, 48)), before)
+
+
+def test_packed_weights_are_sixteen_times_smaller_than_fp32():
+    layer = TernaryLinear(768, 3072)
+    assert 768 * 3072 * 4 / layer.weight_bytes > 15
+    assert layer.adds_per_token == 768 * 3072
+
+
+@pytest.mark.parametrize("family", ["bert", "distilbert", "gpt2", "llama"])
+@pytest.mark.parametrize("targets", ["ffn", "attention", "all"])
+def test_targets_pick_the_adapters_linears(family, targets):
+    arch = view(tiny(family))
+    units = TernaryVariant(targets=targets).units(arch, 0)
+    attention = set(arch.blocks[0].attention.linears)
+    paths = [u.key for u in units]
+    if targets == "attention":
+        assert set(paths) == attention
+    elif targets == "ffn":
+        assert paths and not set(paths) & attention
+        assert len(paths) == (3 if family == "llama" else 2)
+    else:
+        assert set(paths) >= attention and len(paths) == len(attention) + (3 if family == "llama" else 2)
+
+
+def _batches(vocab=100, n=4, length=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(3, vocab, (n, length), generator=g),
+             "attention_mask": torch.ones(n, length, dtype=torch.long)} for _ in range(2)]
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2", "llama"])
+def test_converted_tiny_model_saves_and_reloads_bit_identically(family, tmp_path):
+    teacher = tiny(family)
+    student = tiny(family)
+    cfg = DistillConfig(steps=3, tokens=64, batch_tokens=32, e2e_steps=2, e2e_batch=2)
+    specs, report = distill(student, teacher, TernaryVariant(targets="all", scale="channel"), _batches(), cfg)
+    assert len(report.layers) == len(specs) == LAYERS * len(view(teacher).blocks[0].linears("all"))
+    modules = ternary_modules(student)
+    assert len(modules) == len(specs) and all(m.weight is None for m in modules)  # finalised
+    manifest = {"base_model": family, "base_source": "tiny", "family": family, "convert": [{"to": "ternary"}],
+                "layers": {}, "linears": specs}
+    save_converted(student, None, tmp_path / "out", manifest)
+    again = load_converted(tmp_path / "out").model
+    ids = _batches(seed=1)[0]
+    with torch.inference_mode():
+        a, b = student(**ids), again(**ids)
+    key = "logits" if family != "bert" else "last_hidden_state"
+    assert torch.equal(getattr(a, key), getattr(b, key))
+    # the profile counts the ternary weight products as additions, by component
+    from ccli.api import additions_by_component
+
+    adds = additions_by_component(view(again))
+    assert adds["ffn"] == LAYERS * (3 if family == "llama" else 2) * HIDDEN * WIDTH
+    assert adds["attention_proj"] > 0 and adds["other"] == 0
+
+
+def test_ternary_ffn_linears_keep_the_ffn_dense_in_the_view():
+    model = tiny("distilbert")
+    arch = view(model)
+    path = next(iter(arch.blocks[0].linears("ffn")))
+    lin = model.get_submodule(path)
+    model.set_submodule(path, TernaryLinear.from_dense(lin.weight, lin.bias))
+    ffn = view(model).blocks[0].ffn
+    assert ffn.replaced is None and ffn.converted and ffn.width == WIDTH
+    x = torch.randn(3, HIDDEN)
+    with torch.no_grad():
+        assert ffn.run(x).shape == (3, HIDDEN)
+
+
+def test_bad_options_are_clear_errors():
+    with pytest.raises(CcliError, match="targets must be one of"):
+        TernaryVariant(targets="heads")
+    with pytest.raises(CcliError, match="act-bits must be 8 or 16"):
+        TernaryVariant(act_bits=4)
+    with pytest.raises(CcliError, match="scale must be one of"):
+        TernaryVariant(scale="row")
+    with pytest.raises(CcliError, match="group-size must be a positive integer"):
+        TernaryVariant(group_size=0)
