@@ -50,7 +50,7 @@ def test_shipped_recipes_are_valid():
     from pathlib import Path
 
     recipes = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
-    assert any(r.name == "fff-minilm.yaml" for r in recipes)
+    assert {"fff-minilm.yaml", "ternary-minilm.yaml"} <= {r.name for r in recipes}
     for path in recipes:
         recipe = load_recipe(path)
         assert recipe["convert"]
@@ -66,6 +66,10 @@ def test_shipped_recipes_are_valid():
     ("convert: [{to: fff}]\ndistill: {lr: fast}", "'distill.lr' must be a number"),
     ("- just\n- a list", "top level must be a mapping"),
     ("convert: [{to: fff\n", "not valid YAML"),
+    ("convert: [{to: ternary, act_bits: '8'}]", "'convert\\[0\\].act_bits' must be an integer"),
+    ("convert: [{to: ternary, targets: 3}]", "'convert\\[0\\].targets' must be a string"),
+    ("convert: [{to: ternary, depth: 3}]", "unknown key 'convert\\[0\\].depth' for ternary"),
+    ("convert: [{to: fff, layers: 3}]", "'convert\\[0\\].layers' must be a list of block indices"),
 ])
 def test_malformed_recipes_name_the_bad_key(tmp_path, text, message):
     with pytest.raises(CcliError, match=message):
