@@ -98,6 +98,7 @@ def convert(
         "layers": [vars(r) for rep in reports for r in rep.layers],
         "e2e_loss_first": reports[-1].e2e_losses[0] if reports[-1].e2e_losses else None,
         "e2e_loss_last": reports[-1].e2e_losses[-1] if reports[-1].e2e_losses else None,
+        "e2e_kept": reports[-1].e2e_kept,
         "seconds": round(sum(r.seconds for r in reports), 1),
         "ffn_flops_per_token_dense": _ffn_flops_per_token(teacher),
         "ffn_flops_per_token": _ffn_flops_per_token(student_loaded),

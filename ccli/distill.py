@@ -69,6 +69,7 @@ class LayerReport:
 class DistillReport:
     layers: list[LayerReport] = field(default_factory=list)
     e2e_losses: list[float] = field(default_factory=list)
+    e2e_kept: bool | None = None  # False when end-to-end training was undone (it made things worse)
     seconds: float = 0.0
 
 
@@ -276,7 +277,7 @@ def distill(
                     state["reports"][unit.key] = unit_report
                     _atomic_save(state, checkpoint)
         if cfg.e2e_steps:
-            report.e2e_losses = end_to_end(student, teacher, train_batches, cfg, progress)
+            report.e2e_losses, report.e2e_kept = end_to_end(student, teacher, train_batches, cfg, progress)
     for module in converted_modules(student):
         if hasattr(module, "finalize"):
             module.finalize()
@@ -310,23 +311,30 @@ def _hidden(out) -> torch.Tensor:
 
 
 def end_to_end(student: nn.Module, teacher: nn.Module, batches: list[dict], cfg: DistillConfig,
-               progress: Progress) -> list[float]:
-    """Train every converted layer together so the student's final hidden states match the teacher's."""
+               progress: Progress) -> tuple[list[float], bool | None]:
+    """Train every converted module together so the student's final hidden states match the teacher's.
+    Returns the training losses and whether the result was kept (None: nothing to train)."""
     layers = converted_modules(student)
     params = [p for m in layers for p in m.parameters()]
     if not params:
-        return []
+        return [], None
     for p in student.parameters():
         p.requires_grad_(False)
     for p in params:
         p.requires_grad_(True)
     student.eval()
+    generator = random.Random(cfg.seed)
+    pool = [(b["input_ids"][j : j + 1], b["attention_mask"][j : j + 1]) for b in batches for j in range(b["input_ids"].shape[0])]
+    # A fixed probe set, scored through the inference path before and after: end-to-end training
+    # that ends worse than it started is undone rather than silently kept.
+    probe = [_pad([p[0] for p in chunk], [p[1] for p in chunk])
+             for chunk in _chunks(random.Random(cfg.seed + 1).sample(pool, min(64, len(pool))), cfg.e2e_batch)]
+    probe_before = _probe_error(student, teacher, probe)
+    saved = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in layers]
     for m in layers:
         m.train()  # each family's training path (FFF: hard-routed masked; ternary: straight-through)
     optimizer = torch.optim.Adam(params, lr=cfg.e2e_lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.e2e_steps)
-    generator = random.Random(cfg.seed)
-    pool = [(b["input_ids"][j : j + 1], b["attention_mask"][j : j + 1]) for b in batches for j in range(b["input_ids"].shape[0])]
     task = progress.task("end to end", cfg.e2e_steps)
     losses = []
     for step in range(cfg.e2e_steps):
@@ -350,7 +358,29 @@ def end_to_end(student: nn.Module, teacher: nn.Module, batches: list[dict], cfg:
         p.requires_grad_(False)
     progress.log(f"end to end: hidden-state relative error {losses[0]:.4f} -> {sum(losses[-10:]) / len(losses[-10:]):.4f} "
                  f"over {cfg.e2e_steps} steps")
-    return losses
+    probe_after = _probe_error(student, teacher, probe)
+    if probe_after > probe_before:
+        for m, state in zip(layers, saved):
+            m.load_state_dict(state)
+        progress.log(f"end to end made the probe error worse ({probe_before:.4f} -> {probe_after:.4f}); kept the "
+                     "layer-wise result instead (try a lower --e2e-lr)")
+        return losses, False
+    return losses, True
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def _probe_error(student: nn.Module, teacher: nn.Module, probe: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
+    """Final hidden-state relative error of the student (inference path) on the probe batches."""
+    preds, targets = [], []
+    with torch.no_grad():
+        for ids, mask in probe:
+            real = mask.bool()
+            preds.append(_hidden(student(input_ids=ids, attention_mask=mask, output_hidden_states=True))[real])
+            targets.append(_hidden(teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True))[real])
+    return relative_error(torch.cat(preds), torch.cat(targets)).item()
 
 
 def _pad(ids: list[torch.Tensor], masks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

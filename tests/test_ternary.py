@@ -143,3 +143,15 @@ def test_bad_options_are_clear_errors():
         TernaryVariant(scale="row")
     with pytest.raises(CcliError, match="group-size must be a positive integer"):
         TernaryVariant(group_size=0)
+
+
+def test_end_to_end_training_that_makes_things_worse_is_undone():
+    teacher, student = tiny("bert"), tiny("bert")
+    base = DistillConfig(steps=3, tokens=64, batch_tokens=32, e2e_batch=2)
+    layerwise = tiny("bert")
+    distill(layerwise, teacher, TernaryVariant(targets="ffn"), _batches(), base)
+    cfg = DistillConfig(**{**base.__dict__, "e2e_steps": 3, "e2e_lr": 0.9})  # absurd: ruins the weights
+    _, report = distill(student, teacher, TernaryVariant(targets="ffn"), _batches(), cfg)
+    assert report.e2e_kept is False
+    for a, b in zip(ternary_modules(student), ternary_modules(layerwise)):
+        assert torch.equal(a.packed, b.packed) and torch.equal(a.scale, b.scale)
