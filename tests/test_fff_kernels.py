@@ -12,6 +12,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -390,6 +391,24 @@ def test_native_build_failure_warns_once(monkeypatch):
         monkeypatch.undo()
         native.reset()
         F.set_backend("auto")
+
+
+def test_stale_build_lock_is_removed_and_a_live_one_waited_for(tmp_path):
+    # torch waits forever on a build lock; a killed build leaves one behind (it once hung CI)
+    assert native.clear_stale_build_lock(tmp_path) is False  # no lock: nothing to do
+    lock = tmp_path / "lock"
+    lock.touch()
+    old = time.time() - 2 * native.STALE_LOCK_SECONDS
+    os.utime(lock, (old, old))
+    with pytest.warns(RuntimeWarning, match="stale build lock"):
+        assert native.clear_stale_build_lock(tmp_path) is True
+    assert not lock.exists()
+
+    lock.touch()  # a fresh lock: waited on until it turns stale (or is released)
+    start = time.perf_counter()
+    with pytest.warns(RuntimeWarning, match="stale build lock"):
+        assert native.clear_stale_build_lock(tmp_path, stale_after=0.3, poll=0.05) is True
+    assert time.perf_counter() - start >= 0.2 and not lock.exists()
 
 
 # --- Triton (CPU interpreter) -----------------------------------------------------------------------

@@ -54,6 +54,51 @@ def _cpu_ident() -> str:
     return ident
 
 
+# A build takes well under a minute; a lock file this old was left by a process that died while
+# building (killed, machine stopped). torch waits on such a lock forever, so we remove it first.
+STALE_LOCK_SECONDS = 600.0
+
+
+def clear_stale_build_lock(build_directory: str | os.PathLike, *, stale_after: float = STALE_LOCK_SECONDS,
+                           poll: float = 0.5) -> bool:
+    """Wait while another process holds the build lock of `build_directory`; once the lock is older
+    than `stale_after` seconds, remove it (with a warning). Returns True if a stale lock was removed.
+
+    torch.utils.cpp_extension takes `<build_directory>/lock` while compiling and makes every other
+    process wait until the file is gone, with no time limit: a lock left behind by a killed build
+    would hang every later first use of the kernel (it hung CI once).
+    """
+    lock = Path(build_directory) / "lock"
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return False
+        if age >= stale_after:
+            break
+        time.sleep(min(poll, stale_after - age))
+    try:
+        lock.unlink()
+    except FileNotFoundError:
+        return False
+    warnings.warn(f"ccli: removed a stale build lock {lock} ({age:.0f} s old, left by an interrupted build)",
+                  RuntimeWarning, stacklevel=2)
+    return True
+
+
+def _build_directory(name: str) -> str | None:
+    """torch's build directory for extension `name` (None if this torch does not expose it)."""
+    from torch.utils import cpp_extension
+
+    get = getattr(cpp_extension, "_get_build_directory", None)
+    if get is None:
+        return None
+    try:
+        return get(name, False)
+    except Exception:  # noqa: BLE001 - private torch helper; the build itself will report problems
+        return None
+
+
 def _cflags() -> list[str]:
     flags = ["-O3", "-fopenmp"]
     if platform.machine().lower() in ("x86_64", "amd64", "aarch64", "arm64"):
@@ -117,6 +162,9 @@ class NativeExtension:
 
         if not self.source.is_file():
             raise FileNotFoundError(f"{self.source} is missing (is the package data installed?)")
+        build_directory = _build_directory(self.extension_name())
+        if build_directory is not None:
+            clear_stale_build_lock(build_directory)
         return load_extension(
             name=self.extension_name(),
             sources=[str(self.source)],
