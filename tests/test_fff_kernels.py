@@ -339,7 +339,7 @@ def test_backend_switch(monkeypatch):
         calls.append(1)
         return real_reference(*a)
 
-    monkeypatch.setattr(F, "fff_reference", counting_reference)
+    monkeypatch.setattr(F._backends, "reference", counting_reference)
     with F.use_backend("reference"):
         assert F.get_backend() == "reference"
         y_ref = F.fff(x, w_in, b_in, w_out, *args)
@@ -472,7 +472,7 @@ def test_triton_kernel_compiles_for_cuda():
         from triton.compiler import ASTSource
     except ImportError as exc:
         pytest.skip(f"triton AOT API unavailable: {exc}")
-    kernel = fff_triton._kernel()
+    kernel = fff_triton._KERNEL.get()
     pointers = {name: "*fp32" for name in ("x_ptr", "w_in_ptr", "b_in_ptr", "w_out_ptr", "y_ptr")}
     ints = ("H", "stride_x", "stride_y", "TREES", "DEPTH", "LEAF_WIDTH", "ROWS_PER_TREE", "N_INTERNAL")
     signature = {**pointers, **{name: "i32" for name in ints}, "ACT": "constexpr", "BLOCK_H": "constexpr", "BLOCK_W": "constexpr"}

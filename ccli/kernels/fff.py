@@ -28,13 +28,12 @@ Dispatch cost: once the native extension has loaded, CPU calls go from the dispa
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 
 from ccli.kernels import native
+from ccli.kernels.backends import BACKENDS, BackendSelector
 
 __all__ = [
     "ACTIVATIONS",
@@ -50,7 +49,6 @@ __all__ = [
 ]
 
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
-BACKENDS = ("auto", "reference", "native", "triton")
 
 _ACT_FNS = {
     "gelu": F.gelu,
@@ -142,11 +140,6 @@ def fff_reference(
 
 # --- backends -----------------------------------------------------------------------------------------
 
-_backend = "auto"
-# The resolved implementation per device type for the current backend (reset by set_backend).
-_resolved: dict[str, object] = {}
-
-
 def _native_f32(x, w_in, b_in, w_out, trees, depth, leaf_width, activation):
     # The extension is loaded by _resolve; it checks shapes itself. Other dtypes use the reference.
     ext = native._ext
@@ -168,72 +161,15 @@ def _triton_supports(device: torch.device) -> bool:
     return fff_triton.supports(device)
 
 
-def _resolve(device_type: str):
-    """Pick (and cache) the implementation for `device_type` under the current backend."""
-    device = torch.device(device_type)
-    name = _backend
-    if name == "reference":
-        fn = fff_reference
-    elif name == "native":
-        if device.type != "cpu":
-            raise RuntimeError(f"fff: the native backend runs on CPU tensors only, got {device.type}")
-        if native.load() is None:
-            raise RuntimeError(f"fff: native backend unavailable: {native.failure_reason()}")
-        fn = _native_f32
-    elif name == "triton":
-        if not _triton_supports(device):
-            raise RuntimeError(
-                f"fff: triton backend unavailable on {device.type} (needs triton, and a CUDA device, "
-                "or TRITON_INTERPRET=1 set before triton is imported for CPU tensors)"
-            )
-        fn = _triton_impl
-    elif device.type == "cpu":  # auto
-        fn = _native_f32 if native.load() is not None else fff_reference
-    elif device.type == "cuda" and _triton_supports(device):
-        fn = _triton_impl
-    else:
-        fn = fff_reference
-    _resolved[device.type] = fn
-    if device.type == "cpu":
-        # The extension's C++ CPU kernel of the op handles float32 itself only when native is selected.
-        native.set_dispatch(fn is _native_f32)
-    return fn
-
-
-def set_backend(name: str) -> None:
-    """Force a backend for all later calls: "auto" (default), "reference", "native" or "triton"."""
-    global _backend
-    if name not in BACKENDS:
-        raise ValueError(f"unknown fff backend {name!r}; expected one of {BACKENDS}")
-    _backend = name
-    _resolved.clear()
-    native.set_dispatch(False)  # re-enabled by the next CPU call if native is still selected
-
-
-def get_backend() -> str:
-    return _backend
-
-
-@contextlib.contextmanager
-def use_backend(name: str) -> Iterator[None]:
-    """Context manager: use backend `name` inside the block, restore the previous one after."""
-    previous = _backend
-    set_backend(name)
-    try:
-        yield
-    finally:
-        set_backend(previous)
-
-
-def available_backends(device: torch.device | str = "cpu") -> list[str]:
-    """Backends that can run on `device` (may build the native kernel). "auto" is always allowed too."""
-    device = torch.device(device)
-    names = ["reference"]
-    if device.type == "cpu" and native.load() is not None:
-        names.append("native")
-    if _triton_supports(device):
-        names.append("triton")
-    return names
+_backends = BackendSelector(
+    "fff", reference=fff_reference, native_impl=_native_f32, triton_impl=_triton_impl,
+    triton_supports=_triton_supports, extension=native.FFF,
+)
+set_backend = _backends.set
+get_backend = _backends.get
+use_backend = _backends.use
+available_backends = _backends.available
+_resolve = _backends.resolve
 
 
 # --- the op ---------------------------------------------------------------------------------------------
@@ -248,7 +184,7 @@ _lib.define(
 def _impl_python(x, w_in, b_in, w_out, trees, depth, leaf_width, activation):
     """The op's Python kernel, for every device (CPU calls reach it only while the native extension's
     own C++ CPU kernel is not loaded or not selected)."""
-    fn = _resolved.get(x.device.type) or _resolve(x.device.type)
+    fn = _backends.implementation(x.device.type)
     return fn(x, w_in, b_in, w_out, trees, depth, leaf_width, activation)
 
 

@@ -4,60 +4,25 @@ One program per token: it keeps the token's x and its output y in BLOCK_H-wide r
 any H works), walks the `depth` internal nodes of each tree one row at a time, then evaluates the
 reached leaf in tiles of BLOCK_W neurons. Weights are read in their stored dtype and accumulated in fp32.
 
-triton is imported lazily: importing this module never needs it. Kernels are created on first use and
-cached per mode. With TRITON_INTERPRET=1 set before triton is first imported, the kernel runs in
-triton's CPU interpreter on CPU tensors (how the tests run it); otherwise it needs CUDA tensors.
+How triton is imported and kernels built (and run on CPU tensors in the interpreter): see
+ccli.kernels.triton_support.
 """
 
 from __future__ import annotations
 
-import os
-import types
-
 import torch
 
-_KERNELS: dict[bool, object] = {}
-_IMPORT_ERROR: str | None = None
-
-
-def triton_importable() -> bool:
-    """Whether triton can be imported (the result is cached)."""
-    global _IMPORT_ERROR
-    if _IMPORT_ERROR is None:
-        try:
-            import triton  # noqa: F401
-            import triton.language  # noqa: F401
-
-            _IMPORT_ERROR = ""
-        except Exception as exc:  # ImportError, or a broken install
-            _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
-    return _IMPORT_ERROR == ""
-
-
-def interpret_mode() -> bool:
-    """True when triton runs kernels in its CPU interpreter: TRITON_INTERPRET=1 is set now and was set
-    when triton was first imported (triton.language's own helpers are built in that mode at import)."""
-    if os.environ.get("TRITON_INTERPRET", "0").strip().lower() not in ("1", "true", "on", "yes"):
-        return False
-    if not triton_importable():
-        return False
-    import triton.language as tl
-
-    return type(tl.zeros).__name__ == "InterpretedFunction"
-
-
-def supports(device: torch.device | str) -> bool:
-    """Whether the triton backend can run on tensors of `device`."""
-    device = torch.device(device)
-    if not triton_importable():
-        return False
-    if device.type == "cuda":
-        return torch.cuda.is_available()
-    return device.type == "cpu" and interpret_mode()
-
+from ccli.kernels.triton_support import (  # noqa: F401 - re-exported for callers and tests
+    LazyKernel,
+    interpret_mode,
+    next_pow2,
+    require_triton,
+    supports,
+    triton_importable,
+)
 
 # --- kernel sources ---------------------------------------------------------------------------------
-# Plain functions; `_build_kernel` binds them to a fresh namespace holding `tl` and the jit'd helper,
+# Plain functions; `LazyKernel` binds them to a fresh namespace holding `tl` and the jit'd helper,
 # then decorates them with triton.jit (which reads TRITON_INTERPRET at decoration time).
 
 
@@ -129,27 +94,7 @@ def _fff_kernel_src(
     tl.store(y_ptr + pid * stride_y + offs_h, acc.to(y_ptr.dtype.element_ty), mask=mask_h)  # noqa: F821
 
 
-def _build_kernel():
-    import triton
-    import triton.language as tl
-
-    ns = {"__name__": __name__, "tl": tl, "triton": triton}
-    act = types.FunctionType(_act_src.__code__, ns, "_act_src")
-    ns["_act"] = triton.jit(act)
-    kernel = types.FunctionType(_fff_kernel_src.__code__, ns, "_fff_kernel_src")
-    return triton.jit(kernel)
-
-
-def _kernel():
-    mode = interpret_mode()
-    kernel = _KERNELS.get(mode)
-    if kernel is None:
-        kernel = _KERNELS[mode] = _build_kernel()
-    return kernel
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
+_KERNEL = LazyKernel(_fff_kernel_src, {"_act": _act_src})
 
 
 def fff_triton(
@@ -163,8 +108,7 @@ def fff_triton(
     activation: str,
 ) -> torch.Tensor:
     """FFF forward with the Triton kernel; x is (N, H). Arguments are validated by the caller."""
-    if not triton_importable():
-        raise RuntimeError(f"triton backend unavailable: {_IMPORT_ERROR}")
+    require_triton()
     n_tokens, hidden = x.shape
     n_internal = (1 << depth) - 1
     rows_per_tree = n_internal + (n_internal + 1) * leaf_width
@@ -177,11 +121,11 @@ def fff_triton(
     w_in = w_in.contiguous()
     b_in = b_in.contiguous()
     w_out = w_out.contiguous()
-    block_h = _next_pow2(hidden)
+    block_h = next_pow2(hidden)
     # A BLOCK_W x BLOCK_H tile of weights lives in registers: keep it around 4K elements.
-    block_w = max(1, min(_next_pow2(leaf_width), max(1, 4096 // block_h)))
+    block_w = max(1, min(next_pow2(leaf_width), max(1, 4096 // block_h)))
     num_warps = 8 if block_h >= 2048 else 4 if block_h >= 256 else 2 if block_h >= 64 else 1
-    _kernel()[(n_tokens,)](
+    _KERNEL.get()[(n_tokens,)](
         x,
         w_in,
         b_in,

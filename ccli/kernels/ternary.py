@@ -50,13 +50,12 @@ fvcore handle. The op is for inference: it has no autograd formula.
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 
 import torch
 
 from ccli.kernels import native
+from ccli.kernels.backends import BACKENDS, BackendSelector
 
 __all__ = [
     "ACT_BITS",
@@ -84,7 +83,6 @@ __all__ = [
     "use_backend",
 ]
 
-BACKENDS = ("auto", "reference", "native", "triton")
 GRANULARITIES = ("tensor", "channel", "group")
 ACT_BITS = (8, 16)
 WEIGHT_EPS = 1e-8  # lower bound of an absmean weight scale
@@ -293,10 +291,6 @@ def ternary_linear_reference(
 
 # --- backends -----------------------------------------------------------------------------------------
 
-_backend = "auto"
-_resolved: dict[str, object] = {}
-
-
 def _native_supported(x, packed, scale, bias) -> bool:
     return (
         x.dtype is torch.float32
@@ -327,72 +321,15 @@ def _triton_supports(device: torch.device) -> bool:
     return ternary_triton.supports(device)
 
 
-def _resolve(device_type: str):
-    """Pick (and cache) the implementation for `device_type` under the current backend."""
-    device = torch.device(device_type)
-    name = _backend
-    if name == "reference":
-        fn = ternary_linear_reference
-    elif name == "native":
-        if device.type != "cpu":
-            raise RuntimeError(f"ternary_linear: the native backend runs on CPU tensors only, got {device.type}")
-        if _native.load() is None:
-            raise RuntimeError(f"ternary_linear: native backend unavailable: {_native.failure_reason()}")
-        fn = _native_impl
-    elif name == "triton":
-        if not _triton_supports(device):
-            raise RuntimeError(
-                f"ternary_linear: triton backend unavailable on {device.type} (needs triton, and a CUDA device, "
-                "or TRITON_INTERPRET=1 set before triton is imported for CPU tensors)"
-            )
-        fn = _triton_impl
-    elif device.type == "cpu":  # auto
-        fn = _native_impl if _native.load() is not None else ternary_linear_reference
-    elif device.type == "cuda" and _triton_supports(device):
-        fn = _triton_impl
-    else:
-        fn = ternary_linear_reference
-    _resolved[device.type] = fn
-    if device.type == "cpu":
-        # The extension's C++ CPU kernel of the op handles float32 itself only when native is selected.
-        _native.set_dispatch(fn is _native_impl)
-    return fn
-
-
-def set_backend(name: str) -> None:
-    """Force a backend for all later calls: "auto" (default), "reference", "native" or "triton"."""
-    global _backend
-    if name not in BACKENDS:
-        raise ValueError(f"unknown ternary backend {name!r}; expected one of {BACKENDS}")
-    _backend = name
-    _resolved.clear()
-    _native.set_dispatch(False)  # re-enabled by the next CPU call if native is still selected
-
-
-def get_backend() -> str:
-    return _backend
-
-
-@contextlib.contextmanager
-def use_backend(name: str) -> Iterator[None]:
-    """Context manager: use backend `name` inside the block, restore the previous one after."""
-    previous = _backend
-    set_backend(name)
-    try:
-        yield
-    finally:
-        set_backend(previous)
-
-
-def available_backends(device: torch.device | str = "cpu") -> list[str]:
-    """Backends that can run on `device` (may build the native kernel). "auto" is always allowed too."""
-    device = torch.device(device)
-    names = ["reference"]
-    if device.type == "cpu" and _native.load() is not None:
-        names.append("native")
-    if _triton_supports(device):
-        names.append("triton")
-    return names
+_backends = BackendSelector(
+    "ternary_linear", reference=ternary_linear_reference, native_impl=_native_impl, triton_impl=_triton_impl,
+    triton_supports=_triton_supports, extension=_native,
+)
+set_backend = _backends.set
+get_backend = _backends.get
+use_backend = _backends.use
+available_backends = _backends.available
+_resolve = _backends.resolve
 
 
 def ternary_int_matmul(
@@ -438,7 +375,7 @@ _lib.define(
 def _impl_python(x, packed, scale, bias, in_features, group_size, act_bits):
     """The op's Python kernel, for every device (CPU calls reach it only while the native extension's
     own C++ CPU kernel is not loaded or not selected, or for dtypes it does not handle)."""
-    fn = _resolved.get(x.device.type) or _resolve(x.device.type)
+    fn = _backends.implementation(x.device.type)
     return fn(x, packed, scale, bias, in_features, group_size, act_bits)
 
 

@@ -11,38 +11,30 @@ then applies the epilogue in the same order as the other backends: acc * scale[:
 times sx (act_bits=8), plus bias. The integer accumulators can be written out instead
 (`ternary_int_matmul_triton`).
 
-triton is imported lazily: importing this module never needs it. With TRITON_INTERPRET=1 set before
-triton is first imported, the kernel runs in triton's CPU interpreter on CPU tensors (how the tests run
-it); otherwise it needs CUDA tensors.
+How triton is imported and kernels built (and run on CPU tensors in the interpreter): see
+ccli.kernels.triton_support.
 """
 
 from __future__ import annotations
 
-import types
-
 import torch
 
-from ccli.kernels.fff_triton import interpret_mode, triton_importable
-
-_KERNELS: dict[bool, object] = {}
+from ccli.kernels.triton_support import (  # noqa: F401 - re-exported for callers and tests
+    LazyKernel,
+    interpret_mode,
+    next_pow2,
+    require_triton,
+    supports,
+    triton_importable,
+)
 
 MODE_INT = 0  # write the int32 accumulators (N, out, G)
 MODE_ACT8 = 1  # int8 activations, float epilogue
 MODE_ACT16 = 2  # float activations
 
 
-def supports(device: torch.device | str) -> bool:
-    """Whether the triton backend can run on tensors of `device`."""
-    device = torch.device(device)
-    if not triton_importable():
-        return False
-    if device.type == "cuda":
-        return torch.cuda.is_available()
-    return device.type == "cpu" and interpret_mode()
-
-
 # --- kernel source ------------------------------------------------------------------------------------
-# A plain function; `_build_kernel` binds it to a namespace holding `tl` and decorates it with triton.jit.
+# A plain function; `LazyKernel` binds it to a namespace holding `tl` and decorates it with triton.jit.
 
 
 def _ternary_kernel_src(
@@ -111,43 +103,22 @@ def _ternary_kernel_src(
         tl.store(out_ptr + offs_n[:, None] * OUT + offs_o[None, :], y, mask=mask_n[:, None] & mask_o[None, :])  # noqa: F821
 
 
-def _build_kernel():
-    import triton
-    import triton.language as tl
-
-    ns = {"__name__": __name__, "tl": tl, "triton": triton}
-    kernel = types.FunctionType(_ternary_kernel_src.__code__, ns, "_ternary_kernel_src")
-    return triton.jit(kernel)
-
-
-def _kernel():
-    mode = interpret_mode()
-    kernel = _KERNELS.get(mode)
-    if kernel is None:
-        kernel = _KERNELS[mode] = _build_kernel()
-    return kernel
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
+_KERNEL = LazyKernel(_ternary_kernel_src)
 
 
 def _launch(a, packed, scale, sx, bias, out, in_features, group_size, mode) -> None:
-    if not triton_importable():
-        from ccli.kernels import fff_triton
-
-        raise RuntimeError(f"triton backend unavailable: {fff_triton._IMPORT_ERROR}")
+    require_triton()
     n_tokens = a.shape[0]
     out_features = packed.shape[0]
     if n_tokens == 0 or out_features == 0:
         return
     groups = -(-in_features // group_size)
-    block_n = max(16, min(64, _next_pow2(n_tokens)))
+    block_n = max(16, min(64, next_pow2(n_tokens)))
     block_o = 64
     block_k = 64
     grid = (_cdiv(n_tokens, block_n), _cdiv(out_features, block_o))
     dummy = out  # unused pointer arguments
-    _kernel()[grid](
+    _KERNEL.get()[grid](
         a,
         packed,
         scale if scale is not None else dummy,
