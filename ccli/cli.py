@@ -149,6 +149,8 @@ def convert(
     e2e_lr: Optional[float] = typer.Option(None, "--e2e-lr", help="End-to-end learning rate."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
     tokens: Optional[int] = typer.Option(None, "--tokens", help="Calibration tokens per layer."),
+    short_spans: Optional[float] = typer.Option(
+        None, "--short-spans", help="Add this fraction of short random spans (4-64 words) to the training text (default 0)."),
     data: Optional[str] = typer.Option(None, "--data", help="Training text: bundled, a .txt or .jsonl file, or hf:NAME."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Directory to save the converted model in."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted conversion into the same --out."),
@@ -163,7 +165,7 @@ def convert(
               "targets": targets, "act_bits": act_bits, "scale": scale, "group_size": group_size}
     record = _run(lambda: run_convert(
         model, to=to, params=params, recipe=recipe, data=data, out=out, resume=resume, overwrite=overwrite,
-        steps=steps, e2e_steps=e2e_steps, lr=lr, e2e_lr=e2e_lr, seed=seed, tokens=tokens,
+        steps=steps, e2e_steps=e2e_steps, lr=lr, e2e_lr=e2e_lr, seed=seed, tokens=tokens, short_spans=short_spans,
     ))
     _emit([record], as_json, "convert")
 

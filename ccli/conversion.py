@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .api import additions_by_component, flops_by_component, weight_bytes
 from .arch import view
-from .data import load_paragraphs
+from .data import load_paragraphs, with_short_spans
 from .distill import DistillConfig, Progress, distill, tokenize
 from .errors import CcliError
 from .hub import Loaded, load
@@ -66,7 +66,7 @@ def convert(
     if teacher.manifest is not None:
         raise CcliError(f"'{plan['model']}' is already a converted ccli model; convert its base model instead")
     arch = view(teacher.model)
-    train = load_paragraphs(plan["data"], "train")
+    train = with_short_spans(load_paragraphs(plan["data"], "train"), plan["distill"].short_spans, plan["distill"].seed)
     heldout = load_paragraphs(plan["data"], "heldout")[:heldout_paragraphs]
     cfg = plan["distill"]
     batches = tokenize(teacher.tokenizer, train, cfg.max_length)

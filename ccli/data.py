@@ -5,6 +5,8 @@ dataset ids when the Hub is reachable."""
 from __future__ import annotations
 
 import json
+import math
+import random
 import zlib
 from importlib import resources
 from pathlib import Path
@@ -104,3 +106,27 @@ def load_paragraphs(source: str | None = None, split: str = "train") -> list[str
     if not chosen:
         raise CcliError(f"--data '{source or 'bundled'}' has no paragraphs in the {split} split")
     return chosen
+
+
+SPAN_WORDS = (4, 64)  # shortest and longest span added by `with_short_spans`
+
+
+def with_short_spans(paragraphs: list[str], fraction: float, seed: int = 0) -> list[str]:
+    """`paragraphs` plus `round(fraction * len(paragraphs))` random spans of 4 to 64 words (log-uniform
+    length, so short ones are common) cut from them.
+
+    Distilling on whole paragraphs only leaves a converted model weakest on short inputs, which
+    sentence-embedding models mostly see as queries (a converted minilm scored pooled cosine 0.876 on
+    4-8 word spans of held-out text against 0.932 on whole paragraphs); the spans put such inputs in the
+    training mix. Deterministic for a given seed."""
+    if fraction <= 0:
+        return list(paragraphs)
+    rng = random.Random(seed)
+    lo, hi = SPAN_WORDS
+    spans = []
+    for _ in range(round(fraction * len(paragraphs))):
+        words = rng.choice(paragraphs).split()
+        n = min(len(words), round(2 ** rng.uniform(math.log2(lo), math.log2(hi))))
+        start = rng.randint(0, len(words) - n)
+        spans.append(" ".join(words[start : start + n]))
+    return list(paragraphs) + spans

@@ -43,6 +43,7 @@ class DistillConfig:
     batch_tokens: int = 1024  # tokens per layer-wise step
     max_length: int = 128
     e2e_batch: int = 16  # sequences per end-to-end step
+    short_spans: float = 0.0  # add this fraction of short random spans to the training text (data.with_short_spans)
     layers: list[int] | None = None  # which blocks to convert (None: all)
 
     def validate(self) -> None:
@@ -54,6 +55,8 @@ class DistillConfig:
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or not 0 < value < 1:
                 raise CcliError(f"--{key.replace('_', '-')} must be between 0 and 1 (got {value!r})")
+        if not isinstance(self.short_spans, (int, float)) or isinstance(self.short_spans, bool) or not 0 <= self.short_spans <= 4:
+            raise CcliError(f"--short-spans must be a number from 0 to 4 (got {self.short_spans!r})")
 
 
 @dataclass

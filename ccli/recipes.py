@@ -91,7 +91,7 @@ def load_recipe(path: str | Path) -> dict:
     for key, value in distill.items():
         if key not in known:
             raise CcliError(f"{where}: unknown key 'distill.{key}' (allowed: {', '.join(known)})")
-        expected = float if key in ("lr", "e2e_lr") else (list if key == "layers" else int)
+        expected = float if key in ("lr", "e2e_lr", "short_spans") else (list if key == "layers" else int)
         if expected is float and isinstance(value, str):
             try:
                 value = float(value)  # YAML 1.1 reads 1e-3 as a string

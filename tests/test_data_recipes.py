@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from ccli.data import is_heldout, load_paragraphs
+from ccli.data import SPAN_WORDS, is_heldout, load_paragraphs, with_short_spans
 from ccli.errors import CcliError
 from ccli.recipes import load_recipe
 
@@ -64,6 +64,7 @@ def test_shipped_recipes_are_valid():
     ("convert: [{to: moo}]", "is not a variant family"),
     ("convert: []", "non-empty list"),
     ("convert: [{to: fff}]\ndistill: {lr: fast}", "'distill.lr' must be a number"),
+    ("convert: [{to: fff}]\ndistill: {short_spans: many}", "'distill.short_spans' must be a number"),
     ("- just\n- a list", "top level must be a mapping"),
     ("convert: [{to: fff\n", "not valid YAML"),
     ("convert: [{to: ternary, act_bits: '8'}]", "'convert\\[0\\].act_bits' must be an integer"),
@@ -79,3 +80,20 @@ def test_malformed_recipes_name_the_bad_key(tmp_path, text, message):
 def test_recipe_reads_scientific_notation(tmp_path):
     recipe = load_recipe(_recipe(tmp_path, "convert: [{to: fff, depth: 2}]\ndistill: {lr: 1e-3}"))
     assert recipe["distill"]["lr"] == pytest.approx(1e-3)
+
+
+def test_short_spans_are_cut_from_the_paragraphs():
+    paragraphs = load_paragraphs(None, "train")[:200]
+    assert with_short_spans(paragraphs, 0.0) == paragraphs
+    mixed = with_short_spans(paragraphs, 0.5, seed=3)
+    assert mixed[: len(paragraphs)] == paragraphs and len(mixed) == len(paragraphs) + 100
+    assert mixed == with_short_spans(paragraphs, 0.5, seed=3)  # deterministic
+    assert mixed != with_short_spans(paragraphs, 0.5, seed=4)
+    lengths = []
+    for span in mixed[len(paragraphs):]:
+        words = span.split()
+        lengths.append(len(words))
+        assert len(words) <= SPAN_WORDS[1]
+        assert any(f" {span} " in f" {p} " and (len(words) >= SPAN_WORDS[0] or len(p.split()) == len(words))
+                   for p in paragraphs)  # a contiguous run of whole words of one paragraph
+    assert min(lengths) < 8 and max(lengths) > 32  # log-uniform: both short and long spans
