@@ -66,9 +66,9 @@ def convert(
     if teacher.manifest is not None:
         raise CcliError(f"'{plan['model']}' is already a converted ccli model; convert its base model instead")
     arch = view(teacher.model)
-    train = with_short_spans(load_paragraphs(plan["data"], "train"), plan["distill"].short_spans, plan["distill"].seed)
-    heldout = load_paragraphs(plan["data"], "heldout")[:heldout_paragraphs]
     cfg = plan["distill"]
+    train = with_short_spans(load_paragraphs(plan["data"], "train"), cfg.short_spans, cfg.seed)
+    heldout = load_paragraphs(plan["data"], "heldout")[:heldout_paragraphs]
     batches = tokenize(teacher.tokenizer, train, cfg.max_length)
     heldout_batches = tokenize(teacher.tokenizer, heldout, cfg.max_length)
 
