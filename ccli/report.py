@@ -113,6 +113,8 @@ def fidelity_tables(record: dict) -> list[Table]:
     rows = [
         ("pooled-embedding cosine (mean)", f"{fid['embedding_cosine']:.4f}"),
         ("pooled-embedding cosine (worst)", f"{fid['embedding_cosine_min']:.4f}"),
+        *([("pooled-embedding cosine, 6-word inputs (mean)", f"{fid['embedding_cosine_short']:.4f}")]
+          if "embedding_cosine_short" in fid else []),
         ("final hidden-state cosine (mean over tokens)", f"{fid['hidden_cosine']:.4f}"),
         ("top-1 retrieval agreement with the original", f"{fid['retrieval_agreement']:.1%}"),
         ("top-1 retrieval accuracy: original / converted",

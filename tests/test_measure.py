@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from ccli.arch import view
@@ -33,3 +34,24 @@ def test_timing_reports_ordered_statistics():
     assert timing.runs > 0
     assert 0 < timing.median_ms <= timing.p90_ms
     assert timing.iqr_ms >= 0 and timing.peak_mem_mb > 0
+
+
+@pytest.mark.slow
+def test_fidelity_is_perfect_for_the_original_and_sees_short_inputs():
+    import copy
+
+    from ccli.data import load_paragraphs
+    from ccli.hub import load
+    from ccli.measure.fidelity import compare
+
+    loaded = load("minilm")
+    paragraphs = load_paragraphs(None, "heldout")[:16]
+    same = compare(loaded.model, loaded.model, loaded.tokenizer, paragraphs)
+    for key in ("embedding_cosine", "embedding_cosine_min", "embedding_cosine_short", "hidden_cosine"):
+        assert same[key] == pytest.approx(1.0, abs=1e-4), key
+    assert same["retrieval_agreement"] == 1.0
+    changed = copy.deepcopy(loaded.model)
+    with torch.no_grad():
+        changed.encoder.layer[2].output.dense.weight.mul_(0.5)
+    other = compare(changed, loaded.model, loaded.tokenizer, paragraphs)
+    assert other["embedding_cosine_short"] < 0.9999 and other["embedding_cosine"] < 0.9999

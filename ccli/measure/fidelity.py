@@ -7,6 +7,8 @@
   top-1 retrieval agreement: the first half of each held-out paragraph queries the second halves of
   all of them; agreement is how often the student's top-1 document is the teacher's, and each
   model's own top-1 accuracy (the matching paragraph) is reported too;
+- pooled-embedding cosine on short inputs (the first SHORT_WORDS words of each query): converted
+  models are weakest there, and short queries are what sentence embedders mostly see;
 - for models with an LM head: KL(teacher || student) of next-token distributions and both
   perplexities.
 """
@@ -19,6 +21,9 @@ from torch import nn
 from ..arch import view
 from ..distill import relative_error
 from ..variants.base import DenseFFN
+
+
+SHORT_WORDS = 6
 
 
 def _halves(paragraphs: list[str]) -> tuple[list[str], list[str]]:
@@ -76,6 +81,9 @@ def compare(student: nn.Module, teacher: nn.Module, tokenizer, paragraphs: list[
     s_query, s_out = _encode(student, tokenizer, queries, max_length)
     t_docs, _ = _encode(teacher, tokenizer, docs, max_length)
     s_docs, _ = _encode(student, tokenizer, docs, max_length)
+    short = [" ".join(q.split()[:SHORT_WORDS]) for q in queries]
+    short_cos = nn.functional.cosine_similarity(_encode(teacher, tokenizer, short, max_length)[0],
+                                                _encode(student, tokenizer, short, max_length)[0], dim=-1)
 
     cos_tokens, kl_sum, nll_t, nll_s, lm_tokens = [], 0.0, 0.0, 0.0, 0
     for (enc, t_hidden, t_logits), (_, s_hidden, s_logits) in zip(t_out, s_out):
@@ -99,6 +107,7 @@ def compare(student: nn.Module, teacher: nn.Module, tokenizer, paragraphs: list[
         "hidden_cosine": round(torch.cat(cos_tokens).mean().item(), 5),
         "embedding_cosine": round(nn.functional.cosine_similarity(t_query, s_query, dim=-1).mean().item(), 5),
         "embedding_cosine_min": round(nn.functional.cosine_similarity(t_query, s_query, dim=-1).min().item(), 5),
+        "embedding_cosine_short": round(short_cos.mean().item(), 5),
         "retrieval_agreement": round((t_top == s_top).float().mean().item(), 5),
         "retrieval_top1_teacher": round((t_top == truth).float().mean().item(), 5),
         "retrieval_top1_student": round((s_top == truth).float().mean().item(), 5),
