@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ccli.kernels import fff as F
-from ccli.kernels import fff_triton, native
+from ccli.kernels import fff_triton, native, triton_support
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -417,7 +417,7 @@ def test_stale_build_lock_is_removed_and_a_live_one_waited_for(tmp_path):
 # they run directly.
 
 needs_interpreter = pytest.mark.skipif(
-    not fff_triton.interpret_mode(), reason="needs TRITON_INTERPRET=1 before triton is imported"
+    not triton_support.interpret_mode(), reason="needs TRITON_INTERPRET=1 before triton is imported"
 )
 
 
@@ -449,7 +449,7 @@ def test_interp_triton_through_op(activation):
 
 def test_triton_kernel_in_subprocess():
     pytest.importorskip("triton")
-    if fff_triton.interpret_mode():
+    if triton_support.interpret_mode():
         pytest.skip("the interpreter tests run in this process")
     env = dict(os.environ, TRITON_INTERPRET="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
@@ -464,7 +464,7 @@ def test_triton_kernel_compiles_for_cuda():
     """Ahead-of-time compile of the kernel for an sm_80 GPU (no GPU needed): catches GPU-only
     type/codegen errors the interpreter cannot see."""
     pytest.importorskip("triton")
-    if fff_triton.interpret_mode():
+    if triton_support.interpret_mode():
         pytest.skip("kernels are interpreted in this process")
     try:
         import triton

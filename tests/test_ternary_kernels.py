@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ccli.kernels import ternary as T
-from ccli.kernels import ternary_triton
+from ccli.kernels import ternary_triton, triton_support
 
 REPO = Path(__file__).resolve().parents[1]
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -446,7 +446,7 @@ def test_native_disabled_by_environment(monkeypatch):
 # they run directly.
 
 needs_interpreter = pytest.mark.skipif(
-    not ternary_triton.interpret_mode(), reason="needs TRITON_INTERPRET=1 before triton is imported"
+    not triton_support.interpret_mode(), reason="needs TRITON_INTERPRET=1 before triton is imported"
 )
 
 
@@ -479,7 +479,7 @@ def test_interp_triton_through_op(act_bits):
 
 def test_triton_kernel_in_subprocess():
     pytest.importorskip("triton")
-    if ternary_triton.interpret_mode():
+    if triton_support.interpret_mode():
         pytest.skip("the interpreter tests run in this process")
     env = dict(os.environ, TRITON_INTERPRET="1")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
@@ -494,7 +494,7 @@ def test_triton_kernel_compiles_for_cuda():
     """Ahead-of-time compile of the kernel for an sm_80 GPU (no GPU needed): catches GPU-only
     type/codegen errors (int8 tl.dot, IEEE fp32 tl.dot) the interpreter cannot see."""
     pytest.importorskip("triton")
-    if ternary_triton.interpret_mode():
+    if triton_support.interpret_mode():
         pytest.skip("kernels are interpreted in this process")
     try:
         import triton

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from ccli.kernels import triton_support
 from ccli.kernels.native import NativeExtension
 
 BACKENDS = ("auto", "reference", "native", "triton")
@@ -29,18 +30,16 @@ class BackendSelector:
     reference:       the plain-PyTorch implementation
     native_impl:     the implementation that calls the loaded native extension (may fall back to the
                      reference for inputs the extension does not handle)
-    triton_impl:     the Triton implementation
-    triton_supports: device -> whether the Triton implementation can run there
+    triton_impl:     the Triton implementation (runs wherever `triton_support.supports` says)
     extension:       the op's NativeExtension
     """
 
     def __init__(self, op: str, *, reference: Callable, native_impl: Callable, triton_impl: Callable,
-                 triton_supports: Callable[[torch.device], bool], extension: NativeExtension):
+                 extension: NativeExtension):
         self.op = op
         self.reference = reference
         self.native_impl = native_impl
         self.triton_impl = triton_impl
-        self.triton_supports = triton_supports
         self.extension = extension
         self.name = "auto"
         self.resolved: dict[str, Callable] = {}  # device type -> implementation, for `name`
@@ -72,7 +71,7 @@ class BackendSelector:
         names = ["reference"]
         if device.type == "cpu" and self.extension.load() is not None:
             names.append("native")
-        if self.triton_supports(device):
+        if triton_support.supports(device):
             names.append("triton")
         return names
 
@@ -93,7 +92,7 @@ class BackendSelector:
                 raise RuntimeError(f"{self.op}: native backend unavailable: {self.extension.failure_reason()}")
             fn = self.native_impl
         elif self.name == "triton":
-            if not self.triton_supports(device):
+            if not triton_support.supports(device):
                 raise RuntimeError(
                     f"{self.op}: triton backend unavailable on {device.type} (needs triton, and a CUDA device, "
                     "or TRITON_INTERPRET=1 set before triton is imported for CPU tensors)"
@@ -101,7 +100,7 @@ class BackendSelector:
             fn = self.triton_impl
         elif device.type == "cpu":  # auto
             fn = self.native_impl if self.extension.load() is not None else self.reference
-        elif device.type == "cuda" and self.triton_supports(device):
+        elif device.type == "cuda" and triton_support.supports(device):
             fn = self.triton_impl
         else:
             fn = self.reference

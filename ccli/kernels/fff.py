@@ -28,7 +28,6 @@ Dispatch cost: once the native extension has loaded, CPU calls go from the dispa
 
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 
@@ -155,15 +154,9 @@ def _triton_impl(x, w_in, b_in, w_out, trees, depth, leaf_width, activation):
     return fff_triton(x, w_in, b_in, w_out, trees, depth, leaf_width, activation)
 
 
-def _triton_supports(device: torch.device) -> bool:
-    from ccli.kernels import fff_triton
-
-    return fff_triton.supports(device)
-
-
 _backends = BackendSelector(
     "fff", reference=fff_reference, native_impl=_native_f32, triton_impl=_triton_impl,
-    triton_supports=_triton_supports, extension=native.FFF,
+    extension=native.FFF,
 )
 set_backend = _backends.set
 get_backend = _backends.get

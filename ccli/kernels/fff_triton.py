@@ -12,14 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ccli.kernels.triton_support import (  # noqa: F401 - re-exported for callers and tests
-    LazyKernel,
-    interpret_mode,
-    next_pow2,
-    require_triton,
-    supports,
-    triton_importable,
-)
+from ccli.kernels.triton_support import LazyKernel, next_pow2, require_triton
 
 # --- kernel sources ---------------------------------------------------------------------------------
 # Plain functions; `LazyKernel` binds them to a fresh namespace holding `tl` and the jit'd helper,

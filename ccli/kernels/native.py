@@ -162,11 +162,12 @@ class NativeExtension:
 
         if not self.source.is_file():
             raise FileNotFoundError(f"{self.source} is missing (is the package data installed?)")
-        build_directory = _build_directory(self.extension_name())
+        name = self.extension_name()
+        build_directory = _build_directory(name)
         if build_directory is not None:
             clear_stale_build_lock(build_directory)
         return load_extension(
-            name=self.extension_name(),
+            name=name,
             sources=[str(self.source)],
             extra_cflags=_cflags(),
             extra_ldflags=["-fopenmp"],

@@ -315,15 +315,9 @@ def _triton_impl(x, packed, scale, bias, in_features, group_size, act_bits):
     return ternary_linear_triton(x, packed, scale, bias, in_features, group_size, act_bits)
 
 
-def _triton_supports(device: torch.device) -> bool:
-    from ccli.kernels import ternary_triton
-
-    return ternary_triton.supports(device)
-
-
 _backends = BackendSelector(
     "ternary_linear", reference=ternary_linear_reference, native_impl=_native_impl, triton_impl=_triton_impl,
-    triton_supports=_triton_supports, extension=_native,
+    extension=_native,
 )
 set_backend = _backends.set
 get_backend = _backends.get

@@ -19,14 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from ccli.kernels.triton_support import (  # noqa: F401 - re-exported for callers and tests
-    LazyKernel,
-    interpret_mode,
-    next_pow2,
-    require_triton,
-    supports,
-    triton_importable,
-)
+from ccli.kernels.triton_support import LazyKernel, next_pow2, require_triton
 
 MODE_INT = 0  # write the int32 accumulators (N, out, G)
 MODE_ACT8 = 1  # int8 activations, float epilogue
