@@ -8,7 +8,9 @@ linear layers (ternary). Conversion runs in two stages, the same for every famil
    those inputs, builds the new module from the dense one (`unit.build`) and trains it to match
    (relative MSE). A progress checkpoint is written after every unit.
 2. Optionally end to end: all converted modules are trained together so that the student's final
-   hidden states match the teacher's on the same text.
+   hidden states match the teacher's on the same text. Before it starts, every converted module's
+   `prepare_for_end_to_end()` (if it has one) may re-express its trainable state without changing
+   what it computes (ternary linears move their latent weights away from rounding thresholds).
 Finally every converted module's `finalize()` (if it has one) drops what only training needed.
 
 Progress goes to stderr (rich progress bars when stderr is a terminal). `resume=True` continues
@@ -335,6 +337,8 @@ def end_to_end(student: nn.Module, teacher: nn.Module, batches: list[dict], cfg:
     probe_before = _probe_error(student, teacher, probe)
     saved = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in layers]
     for m in layers:
+        if hasattr(m, "prepare_for_end_to_end"):  # after the snapshot: undoing restores the layer-wise result exactly
+            m.prepare_for_end_to_end()
         m.train()  # each family's training path (FFF: hard-routed masked; ternary: straight-through)
     optimizer = torch.optim.Adam(params, lr=cfg.e2e_lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.e2e_steps)

@@ -67,6 +67,28 @@ def test_straight_through_gradients_reach_the_latent_weight_and_finalize_drops_i
     assert torch.equal(layer(torch.ones(2, 48)), before)
 
 
+@pytest.mark.parametrize("granularity", ["tensor", "channel", "group"])
+def test_recentring_keeps_the_quantised_layer_and_moves_weights_off_thresholds(granularity):
+    dense = _dense(50, 12)
+    layer = TernaryLinear.from_dense(dense.weight, dense.bias, granularity, group_size=16)
+    with torch.no_grad():  # park some latent weights just below a rounding threshold, as training does
+        s = layer.scale.repeat_interleave(layer.group_size, dim=1)[:, :50]
+        layer.weight[:, ::3] = 0.4999 * s[:, ::3] * layer.weight[:, ::3].sign()
+    layer._sync()
+    packed, scale = layer.packed.clone(), layer.scale.clone()
+    x = torch.randn(6, 50)
+    before = layer.eval()(x)
+    layer.recentre_latent()
+    layer._sync()
+    assert torch.equal(layer.packed, packed)
+    torch.testing.assert_close(layer.scale, scale)
+    torch.testing.assert_close(layer(x), before)
+    # every latent weight is now at least half a scale away from the thresholds at +-s/2
+    s = layer.scale.repeat_interleave(layer.group_size, dim=1)[:, :50]
+    distance = ((layer.weight.abs() - 0.5 * s).abs() / s).min()
+    assert distance >= 0.5 - 1e-5
+
+
 def test_packed_weights_are_sixteen_times_smaller_than_fp32():
     layer = TernaryLinear(768, 3072)
     assert 768 * 3072 * 4 / layer.weight_bytes > 15
