@@ -45,6 +45,40 @@ def test_training_path_equals_the_kernel_path(trees, depth, leaf_width):
     torch.testing.assert_close(trained, inferred, atol=1e-5, rtol=1e-5)
 
 
+def test_inference_follows_every_change_of_the_weights():
+    """The kernel's copy of the weights (cached between calls) follows in-place edits, reloads,
+    replaced parameters and dtype conversions."""
+    layer = _layer(2, 2, 3).eval()
+    x = torch.randn(7, HIDDEN)
+
+    def expected():
+        with torch.no_grad():
+            return nn.functional.linear(layer.routed_activations(x), layer.linear_out.weight) + layer.output_bias
+
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), expected())
+        layer.linear_out.weight.mul_(2)
+        layer.output_bias.add_(1)
+        torch.testing.assert_close(layer(x), expected())
+        state = {k: v + 0.5 for k, v in layer.state_dict().items()}
+        layer.load_state_dict(state)
+        torch.testing.assert_close(layer(x), expected())
+        layer.linear_out.weight = nn.Parameter(torch.randn_like(layer.linear_out.weight))
+        torch.testing.assert_close(layer(x), expected())
+        layer.double()
+        assert layer(x.double()).dtype == torch.float64
+        x = x.double()
+        torch.testing.assert_close(layer(x), expected())
+
+
+def test_a_layer_built_under_inference_mode_runs():
+    with torch.inference_mode():  # its parameters are inference tensors, without version counters
+        layer = _layer(1, 2, 3).eval()
+        x = torch.randn(4, HIDDEN)
+        expected = nn.functional.linear(layer.routed_activations(x), layer.linear_out.weight) + layer.output_bias
+        torch.testing.assert_close(layer(x), expected)
+
+
 def test_training_path_only_trains_visited_neurons():
     layer = _layer(1, 3, 2)
     x = torch.randn(1, HIDDEN)

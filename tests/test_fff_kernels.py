@@ -50,6 +50,14 @@ def make_case(trees, depth, leaf_width, hidden, n_tokens, seed, dtype=torch.floa
     return x, w_in, b_in, w_out
 
 
+def make_bias(hidden, seed, with_bias=True):
+    """A dyadic output bias (hidden,), or None."""
+    if not with_bias:
+        return None
+    g = torch.Generator().manual_seed(seed + 1)
+    return torch.randint(-64, 65, (hidden,), generator=g).float() / 256
+
+
 def oracle(x, w_in, b_in, w_out, trees, depth, leaf_width, activation):
     """Slow per-token loop written straight from the contract, in float64."""
     act = _SCALAR_ACTS[activation]
@@ -109,11 +117,13 @@ shapes = dict(
 
 
 @SETTINGS
-@given(**shapes)
-def test_reference_matches_oracle(trees, depth, leaf_width, hidden, n_tokens, activation, seed):
+@given(**shapes, with_bias=st.booleans())
+def test_reference_matches_oracle(trees, depth, leaf_width, hidden, n_tokens, activation, seed, with_bias):
     x, w_in, b_in, w_out = make_case(trees, depth, leaf_width, hidden, n_tokens, seed)
+    b_out = make_bias(hidden, seed, with_bias)
     args = (trees, depth, leaf_width, activation)
-    assert_close(F.fff_reference(x, w_in, b_in, w_out, *args), oracle(x, w_in, b_in, w_out, *args))
+    expected = oracle(x, w_in, b_in, w_out, *args) + (0 if b_out is None else b_out.double())
+    assert_close(F.fff_reference(x, w_in, b_in, w_out, *args, b_out), expected)
 
 
 def test_reference_chunks_and_dtypes(monkeypatch):
@@ -134,6 +144,8 @@ def test_reference_rejects_bad_arguments():
         F.fff_reference(x, w_in[:-1], b_in, w_out, 1, 2, 2, "gelu")
     with pytest.raises(ValueError, match="b_in"):
         F.fff_reference(x, w_in, b_in[:-1], w_out, 1, 2, 2, "gelu")
+    with pytest.raises(ValueError, match="b_out"):
+        F.fff_reference(x, w_in, b_in, w_out, 1, 2, 2, "gelu", torch.zeros(5))
     with pytest.raises(ValueError):
         F.fff(x, w_in, b_in, w_out, 1, 2, 2, "tanh")  # through the op, whatever the backend
 
@@ -142,10 +154,11 @@ def test_reference_rejects_bad_arguments():
 
 
 @SETTINGS
-@given(**shapes)
-def test_native_matches_reference(native_ext, trees, depth, leaf_width, hidden, n_tokens, activation, seed):
+@given(**shapes, with_bias=st.booleans())
+def test_native_matches_reference(native_ext, trees, depth, leaf_width, hidden, n_tokens, activation, seed, with_bias):
     x, w_in, b_in, w_out = make_case(trees, depth, leaf_width, hidden, n_tokens, seed)
-    args = (trees, depth, leaf_width, activation)
+    b_out = make_bias(hidden, seed, with_bias)
+    args = (trees, depth, leaf_width, activation, b_out)
     expected = F.fff_reference(x, w_in, b_in, w_out, *args)
     assert_close(native.fff_native(x, w_in, b_in, w_out, *args), expected)
     with F.use_backend("native"):
@@ -165,7 +178,25 @@ def test_native_matches_reference(native_ext, trees, depth, leaf_width, hidden, 
 def test_native_grouped_leaves(native_ext, trees, depth, leaf_width, hidden, n_tokens, activation, seed):
     """Wide leaves with many tokens take the native kernel's grouped (tokens sorted by leaf) path."""
     x, w_in, b_in, w_out = make_case(trees, depth, leaf_width, hidden, n_tokens, seed)
-    args = (trees, depth, leaf_width, activation)
+    args = (trees, depth, leaf_width, activation, make_bias(hidden, seed, seed % 2 == 0))
+    assert_close(native.fff_native(x, w_in, b_in, w_out, *args), F.fff_reference(x, w_in, b_in, w_out, *args))
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    trees=st.integers(1, 2),
+    depth=st.integers(0, 2),
+    leaf_width=st.integers(32, 40),
+    hidden=st.integers(1, 40),
+    n_tokens=st.integers(16, 120),
+    activation=st.sampled_from(F.ACTIVATIONS),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_native_leaves_as_matrix_products(native_ext, trees, depth, leaf_width, hidden, n_tokens, activation, seed):
+    """Wide leaves reached by 16 or more tokens are computed as matrix products (leaf_gemm); leaves
+    with fewer tokens in the same call take the per-token path."""
+    x, w_in, b_in, w_out = make_case(trees, depth, leaf_width, hidden, n_tokens, seed)
+    args = (trees, depth, leaf_width, activation, make_bias(hidden, seed, seed % 2 == 1))
     assert_close(native.fff_native(x, w_in, b_in, w_out, *args), F.fff_reference(x, w_in, b_in, w_out, *args))
 
 
@@ -191,7 +222,7 @@ def test_native_thread_counts(native_ext, threads):
             (1, 3, 192, 64, 1), (2, 2, 40, 300, 2), (1, 5, 33, 257, 1), (2, 3, 24, 40, 37), (1, 6, 1, 50, 9)
         ]:
             x, w_in, b_in, w_out = make_case(trees, depth, leaf_width, hidden, n_tokens, seed=n_tokens)
-            args = (trees, depth, leaf_width, "gelu")
+            args = (trees, depth, leaf_width, "gelu", make_bias(hidden, n_tokens))
             expected = F.fff_reference(x, w_in, b_in, w_out, *args)
             assert_close(native.fff_native(x, w_in, b_in, w_out, *args), expected)
     finally:
@@ -225,6 +256,8 @@ def test_native_shape_errors(native_ext):
             F.fff(x, w_in[:-1], b_in, w_out, 1, 2, 2, "gelu")
         with pytest.raises(ValueError, match="activation"):
             F.fff(x, w_in, b_in, w_out, 1, 2, 2, "tanh")
+        with pytest.raises(ValueError, match="b_out"):
+            F.fff(x, w_in, b_in, w_out, 1, 2, 2, "gelu", torch.zeros(5))
 
 
 def test_fff_any_leading_shape(native_ext):
@@ -423,10 +456,10 @@ needs_interpreter = pytest.mark.skipif(
 
 @needs_interpreter
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(**{**shapes, "n_tokens": st.integers(1, 4)})
-def test_interp_triton_matches_reference(trees, depth, leaf_width, hidden, n_tokens, activation, seed):
+@given(**{**shapes, "n_tokens": st.integers(1, 4)}, with_bias=st.booleans())
+def test_interp_triton_matches_reference(trees, depth, leaf_width, hidden, n_tokens, activation, seed, with_bias):
     x, w_in, b_in, w_out = make_case(trees, depth, leaf_width, hidden, n_tokens, seed)
-    args = (trees, depth, leaf_width, activation)
+    args = (trees, depth, leaf_width, activation, make_bias(hidden, seed, with_bias))
     expected = F.fff_reference(x, w_in, b_in, w_out, *args)
     assert_close(fff_triton.fff_triton(x, w_in, b_in, w_out, *args), expected)
 
@@ -473,11 +506,13 @@ def test_triton_kernel_compiles_for_cuda():
     except ImportError as exc:
         pytest.skip(f"triton AOT API unavailable: {exc}")
     kernel = fff_triton._KERNEL.get()
-    pointers = {name: "*fp32" for name in ("x_ptr", "w_in_ptr", "b_in_ptr", "w_out_ptr", "y_ptr")}
+    pointers = {name: "*fp32" for name in ("x_ptr", "w_in_ptr", "b_in_ptr", "w_out_ptr", "b_out_ptr", "y_ptr")}
     ints = ("H", "stride_x", "stride_y", "TREES", "DEPTH", "LEAF_WIDTH", "ROWS_PER_TREE", "N_INTERNAL")
-    signature = {**pointers, **{name: "i32" for name in ints}, "ACT": "constexpr", "BLOCK_H": "constexpr", "BLOCK_W": "constexpr"}
+    signature = {**pointers, **{name: "i32" for name in ints},
+                 **{name: "constexpr" for name in ("ACT", "HAS_B_OUT", "BLOCK_H", "BLOCK_W")}}
     assert list(signature) == list(kernel.arg_names)
-    for activation in F.ACTIVATIONS:
-        source = ASTSource(fn=kernel, signature=signature, constexprs={"ACT": activation, "BLOCK_H": 1024, "BLOCK_W": 4})
+    for activation, has_b_out in zip(F.ACTIVATIONS, (True, False, True, False)):
+        source = ASTSource(fn=kernel, signature=signature,
+                           constexprs={"ACT": activation, "HAS_B_OUT": has_b_out, "BLOCK_H": 1024, "BLOCK_W": 4})
         compiled = triton.compile(source, target=GPUTarget("cuda", 80, 32), options={"num_warps": 4, "enable_fp_fusion": True})
         assert "ptx" in compiled.asm

@@ -7,9 +7,9 @@ leaves (W neurons each): M = I + L*W neuron rows per tree, K*M in all. `w_in` (K
 output, i.e. linear_out.weight.T made contiguous). Tree k's rows start at base = k*M: internal node n
 is row base+n, leaf j owns rows base+I+j*W ... base+I+j*W+W-1.
 
-Per token x: y = sum over trees of [for D levels from node n=0: z = x.w_in[n] + b_in[n];
-y += act(z) w_out[n]; n = 2n + 1 + (z >= 0)], then the W neurons of leaf n - I likewise. No output
-bias. With W = 1 this is UltraFastBERT's FFF; D = 0 is a dense FFN of width W per tree.
+Per token x: y = b_out (the optional output bias (H,), else 0) plus, summed over trees, [for D
+levels from node n=0: z = x.w_in[n] + b_in[n]; y += act(z) w_out[n]; n = 2n + 1 + (z >= 0)], then
+the W neurons of leaf n - I likewise. With W = 1 this is UltraFastBERT's FFF; D = 0 is a dense FFN of width W per tree.
 Work per token: K*(D+W) neurons, K*(D+W)*2*H multiply-accumulates.
 
 Backends: "reference" (PyTorch, any device), "native" (C++/OpenMP, CPU float32, built on first use),
@@ -67,7 +67,7 @@ def fff_macs(n_tokens: int, hidden: int, trees: int, depth: int, leaf_width: int
     return n_tokens * trees * (depth + leaf_width) * 2 * hidden
 
 
-def _check_args(x, w_in, b_in, w_out, trees, depth, leaf_width, activation) -> None:
+def _check_args(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out=None) -> None:
     if activation not in _ACT_FNS:
         raise ValueError(f"fff: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
     if trees < 1 or depth < 0 or leaf_width < 1 or depth > 30:
@@ -83,6 +83,8 @@ def _check_args(x, w_in, b_in, w_out, trees, depth, leaf_width, activation) -> N
         )
     if tuple(b_in.shape) != (rows,):
         raise ValueError(f"fff: b_in must be ({rows},), got {tuple(b_in.shape)}")
+    if b_out is not None and tuple(b_out.shape) != (hidden,):
+        raise ValueError(f"fff: b_out must be ({hidden},), got {tuple(b_out.shape)}")
 
 
 # --- reference ----------------------------------------------------------------------------------------
@@ -99,12 +101,13 @@ def fff_reference(
     depth: int,
     leaf_width: int,
     activation: str,
+    b_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """FFF forward in plain PyTorch (any device and dtype, differentiable); x is (N, H), returns (N, H).
 
     Vectorised over tokens: one gather + batched matmul per level, one for the leaf block (tokens are
     processed in chunks so that the gathered leaf weights stay bounded)."""
-    _check_args(x, w_in, b_in, w_out, trees, depth, leaf_width, activation)
+    _check_args(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out)
     act = _ACT_FNS[activation]
     n_tokens, hidden = x.shape
     n_internal = (1 << depth) - 1
@@ -134,24 +137,25 @@ def fff_reference(
         z = z + b_in.index_select(0, rows).view(n, width)
         term = torch.bmm(act(z).unsqueeze(1), w_out.index_select(0, rows).view(n, width, hidden)).squeeze(1)
         outs.append(term if y is None else y + term)
-    return outs[0] if len(outs) == 1 else torch.cat(outs)
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    return out if b_out is None else out + b_out
 
 
 # --- backends -----------------------------------------------------------------------------------------
 
-def _native_f32(x, w_in, b_in, w_out, trees, depth, leaf_width, activation):
+def _native_f32(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out=None):
     # The extension is loaded by _resolve; it checks shapes itself. Other dtypes use the reference.
     ext = native._ext
     if x.dtype is torch.float32 and ext is not None:
-        return ext.fff_forward(x, w_in, b_in, w_out, trees, depth, leaf_width, activation)
-    return fff_reference(x, w_in, b_in, w_out, trees, depth, leaf_width, activation)
+        return ext.fff_forward(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out)
+    return fff_reference(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out)
 
 
-def _triton_impl(x, w_in, b_in, w_out, trees, depth, leaf_width, activation):
+def _triton_impl(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out=None):
     from ccli.kernels.fff_triton import fff_triton
 
-    _check_args(x, w_in, b_in, w_out, trees, depth, leaf_width, activation)
-    return fff_triton(x, w_in, b_in, w_out, trees, depth, leaf_width, activation)
+    _check_args(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out)
+    return fff_triton(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out)
 
 
 _backends = BackendSelector(
@@ -170,15 +174,15 @@ _resolve = _backends.resolve
 _lib = torch.library.Library("ccli", "FRAGMENT")
 _lib.define(
     "fff(Tensor x, Tensor w_in, Tensor b_in, Tensor w_out, int trees, int depth, int leaf_width, "
-    "str activation) -> Tensor"
+    "str activation, Tensor? b_out=None) -> Tensor"
 )
 
 
-def _impl_python(x, w_in, b_in, w_out, trees, depth, leaf_width, activation):
+def _impl_python(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out=None):
     """The op's Python kernel, for every device (CPU calls reach it only while the native extension's
     own C++ CPU kernel is not loaded or not selected)."""
     fn = _backends.implementation(x.device.type)
-    return fn(x, w_in, b_in, w_out, trees, depth, leaf_width, activation)
+    return fn(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out)
 
 
 _lib.impl("fff", _impl_python, "CompositeExplicitAutograd")
@@ -186,8 +190,8 @@ native._python_kernel = _impl_python
 
 
 @torch.library.register_fake("ccli::fff")
-def _fff_fake(x, w_in, b_in, w_out, trees, depth, leaf_width, activation):
-    _check_args(x, w_in, b_in, w_out, trees, depth, leaf_width, activation)
+def _fff_fake(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out=None):
+    _check_args(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out)
     return x.new_empty(x.shape)
 
 
@@ -203,12 +207,14 @@ def fff(
     depth: int,
     leaf_width: int,
     activation: str = "gelu",
+    b_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """FFF forward for x of shape (..., H) through the `ccli::fff` op; returns (..., H) (no output bias)."""
+    """FFF forward for x of shape (..., H) through the `ccli::fff` op; returns (..., H). `b_out`, an
+    optional output bias (H,), is fused: each output row starts from it."""
     if x.dim() == 2:
-        return _OP(x, w_in, b_in, w_out, trees, depth, leaf_width, activation)
+        return _OP(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out)
     shape = x.shape
-    y = _OP(x.reshape(-1, shape[-1]), w_in, b_in, w_out, trees, depth, leaf_width, activation)
+    y = _OP(x.reshape(-1, shape[-1]), w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out)
     return y.view(shape)
 
 

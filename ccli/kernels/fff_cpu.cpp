@@ -15,8 +15,16 @@
 //    (register-blocked 4 tokens x 2 rows dots, 4 tokens x 16 columns output accumulation).
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/gelu.h>
+#include <ATen/ops/relu.h>
+#include <ATen/ops/silu.h>
+#include <ATen/ops/index_select.h>
+#include <ATen/ops/mm.h>
 #include <ATen/Parallel.h>
+#include <c10/core/InferenceMode.h>
 #include <c10/util/Exception.h>
 #include <torch/csrc/utils/pybind.h>
 #include <torch/library.h>
@@ -28,6 +36,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -166,6 +175,17 @@ inline v8f loadu8(const float* p) {
 inline void storeu8(float* p, v8f v) { std::memcpy(p, &v, sizeof v); }
 #endif
 
+// Ask for n floats from p to be brought into cache (one request per 64-byte line). Routing reads one
+// row per level whose address depends on the previous level's result; inside a model, with other
+// layers' weights evicting these, every level would otherwise wait for memory in turn.
+inline void prefetch_floats(const float* p, int64_t n) {
+#if defined(__GNUC__) || defined(__clang__)
+  for (int64_t i = 0; i < n; i += 16) __builtin_prefetch(p + i, 0, 3);
+#else
+  (void)p, (void)n;
+#endif
+}
+
 // ---- the problem -------------------------------------------------------------------------------------
 
 struct Problem {
@@ -173,6 +193,7 @@ struct Problem {
   const float* w_in;
   const float* b_in;
   const float* w_out;
+  const float* b_out;  // output bias (H) that starts every y row, or nullptr for none
   float* y;
   int64_t N, H, trees, depth, W;
   int64_t I;  // internal nodes per tree
@@ -206,6 +227,15 @@ void leaf_token(const Problem& p, const float* __restrict x, float* __restrict y
   leaf_rows<A>(p, x, y, row0, p.W);
 }
 
+// An output row starts as the output bias (or zeros); every visited neuron then adds to it.
+inline void start_row(const Problem& p, float* __restrict y) {
+  if (p.b_out != nullptr) {
+    std::copy(p.b_out, p.b_out + p.H, y);
+  } else {
+    std::fill(y, y + p.H, 0.0f);
+  }
+}
+
 // Routing phase for one token over all trees. With W == 1 the leaf is one more row (row = base +
 // node), handled as a last level; otherwise the leaf is evaluated here unless leaf_out is given,
 // in which case the leaf index of tree k is stored in leaf_out[k] for the grouped leaf phase.
@@ -214,7 +244,7 @@ void route_token(const Problem& p, int64_t n, int32_t* leaf_out) {
   const int64_t H = p.H;
   const float* __restrict x = p.x + n * H;
   float* __restrict y = p.y + n * H;
-  for (int64_t i = 0; i < H; ++i) y[i] = 0.0f;
+  start_row(p, y);
   const bool leaf_as_level = p.W == 1 && leaf_out == nullptr;
   for (int64_t k = 0; k < p.trees; ++k) {
     const int64_t base = k * p.M;
@@ -222,6 +252,9 @@ void route_token(const Problem& p, int64_t n, int32_t* leaf_out) {
     const int64_t levels = p.depth + (leaf_as_level ? 1 : 0);
     for (int64_t d = 0; d < levels; ++d) {
       const int64_t row = base + node;
+      prefetch_floats(p.w_out + row * H, H);
+      // both children are adjacent rows (2n+1, 2n+2): fetch them while this level computes
+      if (d + 1 < levels) prefetch_floats(p.w_in + (base + 2 * node + 1) * H, 2 * H);
       const float z = dot(x, p.w_in + row * H, H) + p.b_in[row];
       axpy(y, act<A>(z), p.w_out + row * H, H);
       node = 2 * node + 1 + (z >= 0.0f ? 1 : 0);
@@ -244,7 +277,7 @@ void route_tokens4(const Problem& p, int64_t n0, int32_t* leaf_out) {
   for (int t = 0; t < 4; ++t) {
     xs[t] = p.x + (n0 + t) * H;
     ys[t] = p.y + (n0 + t) * H;
-    for (int64_t i = 0; i < H; ++i) ys[t][i] = 0.0f;
+    start_row(p, ys[t]);
   }
   const bool leaf_as_level = p.W == 1 && leaf_out == nullptr;
   for (int64_t k = 0; k < p.trees; ++k) {
@@ -259,6 +292,8 @@ void route_tokens4(const Problem& p, int64_t n0, int32_t* leaf_out) {
         row[t] = base + node[t];
         wi[t] = p.w_in + row[t] * H;
         wo[t] = p.w_out + row[t] * H;
+        prefetch_floats(wo[t], H);
+        if (d + 1 < levels) prefetch_floats(p.w_in + (base + 2 * node[t] + 1) * H, 2 * H);
       }
       float z[4], a[4];
       dot_pairs4(xs, wi, H, z);
@@ -340,8 +375,45 @@ void leaf_tokens4(const Problem& p, const int32_t* tok, int64_t row0, float* __r
 }
 
 
+// A leaf reached by many tokens, as two matrix products (ATen's BLAS, which uses all threads itself):
+// Z = act(X_leaf W_in_leaf^T + b), y_leaf += Z W_out_leaf. The leaf's weights are read once per
+// block of tokens instead of once per four tokens, which is what makes wide leaves fast at many tokens.
 template <Act A>
-void fff_all(const Problem& p) {
+void leaf_gemm(const Problem& p, const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& b_in,
+               const at::Tensor& w_out, at::Tensor& y, const int32_t* tokens, int64_t count, int64_t row0) {
+  c10::InferenceMode no_autograd;  // temporaries only; the op itself is inference-only
+  std::vector<int64_t> ids(tokens, tokens + count);
+  const at::Tensor index = at::from_blob(ids.data(), {count}, at::TensorOptions().dtype(at::kLong));
+  const at::Tensor xs = at::index_select(x, 0, index);
+  at::Tensor z = at::addmm(b_in.narrow(0, row0, p.W), xs, w_in.narrow(0, row0, p.W).t());
+  // ATen's vectorised activations (the same functions as act<A>, which is scalar)
+  if constexpr (A == Act::Gelu) {
+    at::gelu_(z);
+  } else if constexpr (A == Act::GeluTanh) {
+    at::gelu_(z, "tanh");
+  } else if constexpr (A == Act::Relu) {
+    at::relu_(z);
+  } else {
+    at::silu_(z);
+  }
+  const at::Tensor out = at::mm(z, w_out.narrow(0, row0, p.W));
+  const float* op = out.const_data_ptr<float>();
+  float* yp = y.mutable_data_ptr<float>();
+  for (int64_t i = 0; i < count; ++i) {
+    float* __restrict yr = yp + ids[i] * p.H;
+    const float* __restrict orow = op + i * p.H;
+#pragma omp simd
+    for (int64_t h = 0; h < p.H; ++h) yr[h] += orow[h];
+  }
+}
+
+// Tokens per leaf from which a wide leaf is computed as matrix products (leaf_gemm).
+constexpr int64_t kGemmMinTokens = 16;
+constexpr int64_t kGemmMinWidth = 32;
+
+template <Act A>
+void fff_all(const Problem& p, const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& b_in,
+             const at::Tensor& w_out, at::Tensor& y) {
   const int64_t N = p.N, K = p.trees, L = p.I + 1;
   const int nthreads = at::get_num_threads();
   // Few tokens with wide leaves (latency case): route serially, then split each leaf's rows across
@@ -412,7 +484,13 @@ void fff_all(const Problem& p) {
       for (int64_t n = 0; n < N; ++n) order[fill[leaf_of[n * K + k]]++] = static_cast<int32_t>(n);
     }
     items.clear();
+    const int64_t base = k * p.M;
     for (int64_t l = 0; l < L; ++l) {
+      if (p.W >= kGemmMinWidth && start[l + 1] - start[l] >= kGemmMinTokens) {
+        leaf_gemm<A>(p, x, w_in, b_in, w_out, y, order.data() + start[l], start[l + 1] - start[l],
+                     base + p.I + l * p.W);
+        continue;
+      }
       for (int64_t b = start[l]; b < start[l + 1]; b += chunk) {
         items.push_back(l);
         items.push_back(b);
@@ -420,7 +498,6 @@ void fff_all(const Problem& p) {
       }
     }
     const int64_t n_items = static_cast<int64_t>(items.size()) / 3;
-    const int64_t base = k * p.M;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1 && n_items > 1)
     {
       std::vector<float> scratch(4 * p.W);
@@ -449,7 +526,8 @@ bool all_float_cpu(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor
 
 at::Tensor fff_forward_impl(const at::Tensor& x_, const at::Tensor& w_in_, const at::Tensor& b_in_,
                             const at::Tensor& w_out_, int64_t trees, int64_t depth,
-                            int64_t leaf_width, std::string_view activation) {
+                            int64_t leaf_width, std::string_view activation,
+                            const std::optional<at::Tensor>& b_out_) {
   const Act a = parse_act(activation);
   TORCH_CHECK_VALUE(x_.dim() == 2, "fff: x must be 2-D (N, H), got ", x_.sizes());
   TORCH_CHECK_VALUE(trees >= 1 && depth >= 0 && depth <= 30 && leaf_width >= 1,
@@ -463,20 +541,28 @@ at::Tensor fff_forward_impl(const at::Tensor& x_, const at::Tensor& w_in_, const
   TORCH_CHECK_VALUE(b_in_.dim() == 1 && b_in_.size(0) == trees * M, "fff: b_in must be (",
                     trees * M, ",), got ", b_in_.sizes());
   TORCH_CHECK(all_float_cpu(x_, w_in_, b_in_, w_out_), "fff native kernel: float32 CPU tensors only");
+  const bool has_b_out = b_out_.has_value() && b_out_->defined();
+  if (has_b_out) {
+    TORCH_CHECK_VALUE(b_out_->dim() == 1 && b_out_->size(0) == H, "fff: b_out must be (", H, ",), got ",
+                      b_out_->sizes());
+    TORCH_CHECK(b_out_->device().is_cpu() && b_out_->scalar_type() == at::kFloat,
+                "fff native kernel: float32 CPU tensors only");
+  }
   const at::Tensor x = x_.contiguous(), w_in = w_in_.contiguous(), b_in = b_in_.contiguous(),
-                   w_out = w_out_.contiguous();
+                   w_out = w_out_.contiguous(), b_out = has_b_out ? b_out_->contiguous() : at::Tensor();
   at::Tensor y = at::empty({N, H}, x.options());
   if (N == 0 || H == 0) return y;
   const int64_t I = (int64_t(1) << depth) - 1;
   const Problem p{x.const_data_ptr<float>(), w_in.const_data_ptr<float>(), b_in.const_data_ptr<float>(),
-                  w_out.const_data_ptr<float>(), y.mutable_data_ptr<float>(),
+                  w_out.const_data_ptr<float>(), has_b_out ? b_out.const_data_ptr<float>() : nullptr,
+                  y.mutable_data_ptr<float>(),
                   N, H, trees, depth, leaf_width, I, M};
   auto run = [&] {
     switch (a) {
-      case Act::Gelu: fff_all<Act::Gelu>(p); break;
-      case Act::GeluTanh: fff_all<Act::GeluTanh>(p); break;
-      case Act::Relu: fff_all<Act::Relu>(p); break;
-      case Act::Silu: fff_all<Act::Silu>(p); break;
+      case Act::Gelu: fff_all<Act::Gelu>(p, x, w_in, b_in, w_out, y); break;
+      case Act::GeluTanh: fff_all<Act::GeluTanh>(p, x, w_in, b_in, w_out, y); break;
+      case Act::Relu: fff_all<Act::Relu>(p, x, w_in, b_in, w_out, y); break;
+      case Act::Silu: fff_all<Act::Silu>(p, x, w_in, b_in, w_out, y); break;
     }
   };
   if (PyGILState_Check()) {  // let other Python threads run while we compute
@@ -498,15 +584,16 @@ pybind11::object* g_fallback = nullptr;  // intentionally leaked: must outlive i
 
 at::Tensor fff_cpu_kernel(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& b_in,
                           const at::Tensor& w_out, int64_t trees, int64_t depth, int64_t leaf_width,
-                          c10::string_view activation) {
-  if (g_native_enabled.load(std::memory_order_relaxed) && all_float_cpu(x, w_in, b_in, w_out)) {
+                          c10::string_view activation, const std::optional<at::Tensor>& b_out) {
+  const bool b_out_float = !b_out.has_value() || (b_out->device().is_cpu() && b_out->scalar_type() == at::kFloat);
+  if (g_native_enabled.load(std::memory_order_relaxed) && all_float_cpu(x, w_in, b_in, w_out) && b_out_float) {
     return fff_forward_impl(x, w_in, b_in, w_out, trees, depth, leaf_width,
-                            std::string_view(activation.data(), activation.size()));
+                            std::string_view(activation.data(), activation.size()), b_out);
   }
   pybind11::gil_scoped_acquire gil;
   TORCH_CHECK(g_fallback != nullptr, "ccli::fff: the native CPU kernel is loaded but no fallback is set");
   pybind11::object out = (*g_fallback)(x, w_in, b_in, w_out, trees, depth, leaf_width,
-                                       std::string(activation.data(), activation.size()));
+                                       std::string(activation.data(), activation.size()), b_out);
   return out.cast<at::Tensor>();
 }
 
@@ -523,8 +610,8 @@ void configure(bool native_enabled, pybind11::object fallback) {
 
 at::Tensor fff_forward(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& b_in,
                        const at::Tensor& w_out, int64_t trees, int64_t depth, int64_t leaf_width,
-                       const std::string& activation) {
-  return fff_forward_impl(x, w_in, b_in, w_out, trees, depth, leaf_width, activation);
+                       const std::string& activation, const std::optional<at::Tensor>& b_out) {
+  return fff_forward_impl(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out);
 }
 
 }  // namespace
@@ -535,7 +622,10 @@ TORCH_LIBRARY_IMPL(ccli, CPU, m) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "ccli native CPU kernel for fast feedforward (FFF) trees";
-  m.def("fff_forward", &fff_forward, "FFF forward (float32, CPU); no dispatcher");
+  m.def("fff_forward", &fff_forward, "FFF forward (float32, CPU); no dispatcher", pybind11::arg("x"),
+        pybind11::arg("w_in"), pybind11::arg("b_in"), pybind11::arg("w_out"), pybind11::arg("trees"),
+        pybind11::arg("depth"), pybind11::arg("leaf_width"), pybind11::arg("activation"),
+        pybind11::arg("b_out") = pybind11::none());
   m.def("configure", &configure, pybind11::arg("native_enabled"), pybind11::arg("fallback") = pybind11::none(),
         "Enable/disable the dispatcher CPU kernel and set the Python fallback it calls when disabled");
   m.def("native_enabled", [] { return g_native_enabled.load(); });

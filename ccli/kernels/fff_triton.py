@@ -40,6 +40,7 @@ def _fff_kernel_src(
     w_in_ptr,
     b_in_ptr,
     w_out_ptr,
+    b_out_ptr,
     y_ptr,
     H,
     stride_x,
@@ -50,6 +51,7 @@ def _fff_kernel_src(
     ROWS_PER_TREE,
     N_INTERNAL,
     ACT: tl.constexpr,  # noqa: F821
+    HAS_B_OUT: tl.constexpr,  # noqa: F821
     BLOCK_H: tl.constexpr,  # noqa: F821
     BLOCK_W: tl.constexpr,  # noqa: F821
 ):
@@ -58,7 +60,10 @@ def _fff_kernel_src(
     mask_h = offs_h < H
     offs_w = tl.arange(0, BLOCK_W)  # noqa: F821
     x = tl.load(x_ptr + pid * stride_x + offs_h, mask=mask_h, other=0.0).to(tl.float32)  # noqa: F821
-    acc = tl.zeros([BLOCK_H], dtype=tl.float32)  # noqa: F821
+    if HAS_B_OUT:
+        acc = tl.load(b_out_ptr + offs_h, mask=mask_h, other=0.0).to(tl.float32)  # noqa: F821
+    else:
+        acc = tl.zeros([BLOCK_H], dtype=tl.float32)  # noqa: F821
     zero64 = tl.full([], 0, tl.int64)  # noqa: F821
     for k in range(0, TREES):
         base = zero64 + k * ROWS_PER_TREE
@@ -99,6 +104,7 @@ def fff_triton(
     depth: int,
     leaf_width: int,
     activation: str,
+    b_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """FFF forward with the Triton kernel; x is (N, H). Arguments are validated by the caller."""
     require_triton()
@@ -114,6 +120,8 @@ def fff_triton(
     w_in = w_in.contiguous()
     b_in = b_in.contiguous()
     w_out = w_out.contiguous()
+    has_b_out = b_out is not None
+    b_out = b_out.contiguous() if has_b_out else x  # any pointer: the kernel never reads it without HAS_B_OUT
     block_h = next_pow2(hidden)
     # A BLOCK_W x BLOCK_H tile of weights lives in registers: keep it around 4K elements.
     block_w = max(1, min(next_pow2(leaf_width), max(1, 4096 // block_h)))
@@ -123,6 +131,7 @@ def fff_triton(
         w_in,
         b_in,
         w_out,
+        b_out,
         y,
         hidden,
         x.stride(0),
@@ -133,6 +142,7 @@ def fff_triton(
         rows_per_tree,
         n_internal,
         ACT=activation,
+        HAS_B_OUT=has_b_out,
         BLOCK_H=block_h,
         BLOCK_W=block_w,
         num_warps=num_warps,

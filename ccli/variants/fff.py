@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import CcliError
+from ..kernels.fff import fff
 from .base import DenseFFN, FFNVariant, apply_activation
 
 
@@ -56,7 +57,7 @@ class FFF(nn.Module):
         self.linear_in = nn.Linear(hidden_size, trees * self.per_tree, bias=True)
         self.linear_out = nn.Linear(trees * self.per_tree, hidden_size, bias=False)
         self.output_bias = nn.Parameter(torch.zeros(hidden_size)) if output_bias else None
-        self._rows_cache: tuple | None = None
+        self._kernel_cache: tuple | None = None
 
     @property
     def neurons_per_token(self) -> int:
@@ -112,23 +113,28 @@ class FFF(nn.Module):
         return computed, positive
 
     # -- forward -------------------------------------------------------------------------------
-    def _output_rows(self) -> torch.Tensor:
-        """linear_out's weight as contiguous rows (K*M, H), the kernel's layout, cached while unchanged."""
-        weight = self.linear_out.weight
-        key = (weight.data_ptr(), weight._version, weight.device)
-        if self._rows_cache is None or self._rows_cache[0] != key:
-            self._rows_cache = (key, weight.detach().t().contiguous())
-        return self._rows_cache[1]
+    def _kernel_weights(self) -> tuple:
+        """(w_in, b_in, w_out, b_out) in the kernel's layout (w_out: linear_out's weight as contiguous
+        rows (K*M, H)), cached while the parameters are unchanged: the same objects, at the same
+        versions and addresses. It reads the parameter dicts directly because on one token the
+        nn.Module attribute lookups would cost as much as the kernel."""
+        linear_in, linear_out = self._modules["linear_in"]._parameters, self._modules["linear_out"]._parameters
+        params = (linear_in["weight"], linear_in["bias"], linear_out["weight"], self._parameters.get("output_bias"))
+        # (inference tensors, e.g. a model built under torch.inference_mode(), have no version counter:
+        # for them only replacement and moves are seen, as they cannot change outside inference mode)
+        state = [None if p is None else (-1 if p.is_inference() else p._version, p.data_ptr()) for p in params]
+        cache = self._kernel_cache
+        if cache is None or cache[1] != state or any(a is not b for a, b in zip(cache[0], params)):
+            w_in, b_in, w_out, b_out = params
+            cache = self._kernel_cache = (params, state, (w_in, b_in, w_out.detach().t().contiguous(), b_out))
+        return cache[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled() and self.training:
+        if self.training and torch.is_grad_enabled():
             y = self.linear_out(self.routed_activations(x.reshape(-1, self.hidden_size))).view_as(x)
-        else:
-            from ..kernels.fff import fff
-
-            y = fff(x, self.linear_in.weight, self.linear_in.bias, self._output_rows(),
-                    self.trees, self.depth, self.leaf_width, self.activation)
-        return y if self.output_bias is None else y + self.output_bias
+            return y if self.output_bias is None else y + self.output_bias
+        w_in, b_in, w_out, b_out = self._kernel_weights()
+        return fff(x, w_in, b_in, w_out, self.trees, self.depth, self.leaf_width, self.activation, b_out)
 
 
 # -- conversion from a dense FFN ------------------------------------------------------------------
