@@ -66,8 +66,8 @@ def test_inference_follows_every_change_of_the_weights():
         layer.linear_out.weight = nn.Parameter(torch.randn_like(layer.linear_out.weight))
         torch.testing.assert_close(layer(x), expected())
         layer.double()
-        assert layer(x.double()).dtype == torch.float64
-        x = x.double()
+        x = x.double()  # expected() reads x when called
+        assert layer(x).dtype == torch.float64
         torch.testing.assert_close(layer(x), expected())
 
 

@@ -10,7 +10,7 @@ from ccli.arch import view
 from ccli.checkpoint import load_converted, save_converted
 from ccli.distill import DistillConfig, distill
 from ccli.errors import CcliError
-from ccli.kernels.ternary import unpack_ternary
+from ccli.kernels.ternary import _expand_scale, unpack_ternary
 from ccli.variants.ternary import TernaryLinear, TernaryVariant, ternary_modules
 
 from tiny import HIDDEN, LAYERS, WIDTH, tiny
@@ -71,9 +71,11 @@ def test_straight_through_gradients_reach_the_latent_weight_and_finalize_drops_i
 def test_recentring_keeps_the_quantised_layer_and_moves_weights_off_thresholds(granularity):
     dense = _dense(50, 12)
     layer = TernaryLinear.from_dense(dense.weight, dense.bias, granularity, group_size=16)
-    with torch.no_grad():  # park some latent weights just below a rounding threshold, as training does
-        s = layer.scale.repeat_interleave(layer.group_size, dim=1)[:, :50]
-        layer.weight[:, ::3] = 0.4999 * s[:, ::3] * layer.weight[:, ::3].sign()
+    def column_scales():
+        return _expand_scale(layer.scale, 50, layer.group_size)
+
+    with torch.no_grad():  # park some latent weights near a rounding threshold, as training does
+        layer.weight[:, ::3] = 0.4999 * column_scales()[:, ::3] * layer.weight[:, ::3].sign()
     layer._sync()
     packed, scale = layer.packed.clone(), layer.scale.clone()
     x = torch.randn(6, 50)
@@ -84,7 +86,7 @@ def test_recentring_keeps_the_quantised_layer_and_moves_weights_off_thresholds(g
     torch.testing.assert_close(layer.scale, scale)
     torch.testing.assert_close(layer(x), before)
     # every latent weight is now at least half a scale away from the thresholds at +-s/2
-    s = layer.scale.repeat_interleave(layer.group_size, dim=1)[:, :50]
+    s = column_scales()
     distance = ((layer.weight.abs() - 0.5 * s).abs() / s).min()
     assert distance >= 0.5 - 1e-5
 

@@ -9,7 +9,8 @@ is row base+n, leaf j owns rows base+I+j*W ... base+I+j*W+W-1.
 
 Per token x: y = b_out (the optional output bias (H,), else 0) plus, summed over trees, [for D
 levels from node n=0: z = x.w_in[n] + b_in[n]; y += act(z) w_out[n]; n = 2n + 1 + (z >= 0)], then
-the W neurons of leaf n - I likewise. With W = 1 this is UltraFastBERT's FFF; D = 0 is a dense FFN of width W per tree.
+the W neurons of leaf n - I likewise. With W = 1 this is UltraFastBERT's FFF; D = 0 is a dense FFN
+of width W per tree.
 Work per token: K*(D+W) neurons, K*(D+W)*2*H multiply-accumulates.
 
 Backends: "reference" (PyTorch, any device), "native" (C++/OpenMP, CPU float32, built on first use),

@@ -379,13 +379,16 @@ void leaf_tokens4(const Problem& p, const int32_t* tok, int64_t row0, float* __r
 // Z = act(X_leaf W_in_leaf^T + b), y_leaf += Z W_out_leaf. The leaf's weights are read once per
 // block of tokens instead of once per four tokens, which is what makes wide leaves fast at many tokens.
 template <Act A>
-void leaf_gemm(const Problem& p, const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& b_in,
-               const at::Tensor& w_out, at::Tensor& y, const int32_t* tokens, int64_t count, int64_t row0) {
+void leaf_gemm(const Problem& p, const int32_t* tokens, int64_t count, int64_t row0) {
   c10::InferenceMode no_autograd;  // temporaries only; the op itself is inference-only
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  auto view = [&](const float* data, at::IntArrayRef sizes) {  // read-only ATen view of our buffers
+    return at::from_blob(const_cast<float*>(data), sizes, f32);
+  };
   std::vector<int64_t> ids(tokens, tokens + count);
   const at::Tensor index = at::from_blob(ids.data(), {count}, at::TensorOptions().dtype(at::kLong));
-  const at::Tensor xs = at::index_select(x, 0, index);
-  at::Tensor z = at::addmm(b_in.narrow(0, row0, p.W), xs, w_in.narrow(0, row0, p.W).t());
+  const at::Tensor xs = at::index_select(view(p.x, {p.N, p.H}), 0, index);
+  at::Tensor z = at::addmm(view(p.b_in + row0, {p.W}), xs, view(p.w_in + row0 * p.H, {p.W, p.H}).t());
   // ATen's vectorised activations (the same functions as act<A>, which is scalar)
   if constexpr (A == Act::Gelu) {
     at::gelu_(z);
@@ -396,11 +399,10 @@ void leaf_gemm(const Problem& p, const at::Tensor& x, const at::Tensor& w_in, co
   } else {
     at::silu_(z);
   }
-  const at::Tensor out = at::mm(z, w_out.narrow(0, row0, p.W));
+  const at::Tensor out = at::mm(z, view(p.w_out + row0 * p.H, {p.W, p.H}));
   const float* op = out.const_data_ptr<float>();
-  float* yp = y.mutable_data_ptr<float>();
   for (int64_t i = 0; i < count; ++i) {
-    float* __restrict yr = yp + ids[i] * p.H;
+    float* __restrict yr = p.y + ids[i] * p.H;
     const float* __restrict orow = op + i * p.H;
 #pragma omp simd
     for (int64_t h = 0; h < p.H; ++h) yr[h] += orow[h];
@@ -412,8 +414,7 @@ constexpr int64_t kGemmMinTokens = 16;
 constexpr int64_t kGemmMinWidth = 32;
 
 template <Act A>
-void fff_all(const Problem& p, const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& b_in,
-             const at::Tensor& w_out, at::Tensor& y) {
+void fff_all(const Problem& p) {
   const int64_t N = p.N, K = p.trees, L = p.I + 1;
   const int nthreads = at::get_num_threads();
   // Few tokens with wide leaves (latency case): route serially, then split each leaf's rows across
@@ -487,8 +488,7 @@ void fff_all(const Problem& p, const at::Tensor& x, const at::Tensor& w_in, cons
     const int64_t base = k * p.M;
     for (int64_t l = 0; l < L; ++l) {
       if (p.W >= kGemmMinWidth && start[l + 1] - start[l] >= kGemmMinTokens) {
-        leaf_gemm<A>(p, x, w_in, b_in, w_out, y, order.data() + start[l], start[l + 1] - start[l],
-                     base + p.I + l * p.W);
+        leaf_gemm<A>(p, order.data() + start[l], start[l + 1] - start[l], base + p.I + l * p.W);
         continue;
       }
       for (int64_t b = start[l]; b < start[l + 1]; b += chunk) {
@@ -517,11 +517,11 @@ void fff_all(const Problem& p, const at::Tensor& x, const at::Tensor& w_in, cons
 }
 
 bool all_float_cpu(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& b_in,
-                   const at::Tensor& w_out) {
+                   const at::Tensor& w_out, const std::optional<at::Tensor>& b_out) {
   for (const at::Tensor* t : {&x, &w_in, &b_in, &w_out}) {
     if (!t->device().is_cpu() || t->scalar_type() != at::kFloat) return false;
   }
-  return true;
+  return !b_out.has_value() || !b_out->defined() || (b_out->device().is_cpu() && b_out->scalar_type() == at::kFloat);
 }
 
 at::Tensor fff_forward_impl(const at::Tensor& x_, const at::Tensor& w_in_, const at::Tensor& b_in_,
@@ -540,14 +540,10 @@ at::Tensor fff_forward_impl(const at::Tensor& x_, const at::Tensor& w_in_, const
                     "fff: w_out must be (", trees * M, ", ", H, "), got ", w_out_.sizes());
   TORCH_CHECK_VALUE(b_in_.dim() == 1 && b_in_.size(0) == trees * M, "fff: b_in must be (",
                     trees * M, ",), got ", b_in_.sizes());
-  TORCH_CHECK(all_float_cpu(x_, w_in_, b_in_, w_out_), "fff native kernel: float32 CPU tensors only");
   const bool has_b_out = b_out_.has_value() && b_out_->defined();
-  if (has_b_out) {
-    TORCH_CHECK_VALUE(b_out_->dim() == 1 && b_out_->size(0) == H, "fff: b_out must be (", H, ",), got ",
-                      b_out_->sizes());
-    TORCH_CHECK(b_out_->device().is_cpu() && b_out_->scalar_type() == at::kFloat,
-                "fff native kernel: float32 CPU tensors only");
-  }
+  TORCH_CHECK_VALUE(!has_b_out || (b_out_->dim() == 1 && b_out_->size(0) == H), "fff: b_out must be (", H,
+                    ",), got ", has_b_out ? b_out_->sizes() : at::IntArrayRef());
+  TORCH_CHECK(all_float_cpu(x_, w_in_, b_in_, w_out_, b_out_), "fff native kernel: float32 CPU tensors only");
   const at::Tensor x = x_.contiguous(), w_in = w_in_.contiguous(), b_in = b_in_.contiguous(),
                    w_out = w_out_.contiguous(), b_out = has_b_out ? b_out_->contiguous() : at::Tensor();
   at::Tensor y = at::empty({N, H}, x.options());
@@ -559,10 +555,10 @@ at::Tensor fff_forward_impl(const at::Tensor& x_, const at::Tensor& w_in_, const
                   N, H, trees, depth, leaf_width, I, M};
   auto run = [&] {
     switch (a) {
-      case Act::Gelu: fff_all<Act::Gelu>(p, x, w_in, b_in, w_out, y); break;
-      case Act::GeluTanh: fff_all<Act::GeluTanh>(p, x, w_in, b_in, w_out, y); break;
-      case Act::Relu: fff_all<Act::Relu>(p, x, w_in, b_in, w_out, y); break;
-      case Act::Silu: fff_all<Act::Silu>(p, x, w_in, b_in, w_out, y); break;
+      case Act::Gelu: fff_all<Act::Gelu>(p); break;
+      case Act::GeluTanh: fff_all<Act::GeluTanh>(p); break;
+      case Act::Relu: fff_all<Act::Relu>(p); break;
+      case Act::Silu: fff_all<Act::Silu>(p); break;
     }
   };
   if (PyGILState_Check()) {  // let other Python threads run while we compute
@@ -585,8 +581,7 @@ pybind11::object* g_fallback = nullptr;  // intentionally leaked: must outlive i
 at::Tensor fff_cpu_kernel(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& b_in,
                           const at::Tensor& w_out, int64_t trees, int64_t depth, int64_t leaf_width,
                           c10::string_view activation, const std::optional<at::Tensor>& b_out) {
-  const bool b_out_float = !b_out.has_value() || (b_out->device().is_cpu() && b_out->scalar_type() == at::kFloat);
-  if (g_native_enabled.load(std::memory_order_relaxed) && all_float_cpu(x, w_in, b_in, w_out) && b_out_float) {
+  if (g_native_enabled.load(std::memory_order_relaxed) && all_float_cpu(x, w_in, b_in, w_out, b_out)) {
     return fff_forward_impl(x, w_in, b_in, w_out, trees, depth, leaf_width,
                             std::string_view(activation.data(), activation.size()), b_out);
   }

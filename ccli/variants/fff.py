@@ -115,19 +115,19 @@ class FFF(nn.Module):
     # -- forward -------------------------------------------------------------------------------
     def _kernel_weights(self) -> tuple:
         """(w_in, b_in, w_out, b_out) in the kernel's layout (w_out: linear_out's weight as contiguous
-        rows (K*M, H)), cached while the parameters are unchanged: the same objects, at the same
-        versions and addresses. It reads the parameter dicts directly because on one token the
-        nn.Module attribute lookups would cost as much as the kernel."""
+        rows (K*M, H)), cached while the parameters are unchanged: the same objects (the cache holds
+        them, so their ids stay theirs), at the same versions and addresses. It reads the parameter
+        dicts directly because on one token nn.Module attribute lookups cost as much as the kernel.
+        Inference tensors (a model built under torch.inference_mode()) have no version counter; for
+        them only replacements and moves are seen, as they cannot change outside inference mode."""
         linear_in, linear_out = self._modules["linear_in"]._parameters, self._modules["linear_out"]._parameters
         params = (linear_in["weight"], linear_in["bias"], linear_out["weight"], self._parameters.get("output_bias"))
-        # (inference tensors, e.g. a model built under torch.inference_mode(), have no version counter:
-        # for them only replacement and moves are seen, as they cannot change outside inference mode)
-        state = [None if p is None else (-1 if p.is_inference() else p._version, p.data_ptr()) for p in params]
+        key = [None if p is None else (id(p), -1 if p.is_inference() else p._version, p.data_ptr()) for p in params]
         cache = self._kernel_cache
-        if cache is None or cache[1] != state or any(a is not b for a, b in zip(cache[0], params)):
+        if cache is None or cache[0] != key:
             w_in, b_in, w_out, b_out = params
-            cache = self._kernel_cache = (params, state, (w_in, b_in, w_out.detach().t().contiguous(), b_out))
-        return cache[2]
+            cache = self._kernel_cache = (key, (w_in, b_in, w_out.detach().t().contiguous(), b_out))
+        return cache[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and torch.is_grad_enabled():
