@@ -15,7 +15,7 @@ from .distill import DistillConfig, Progress, distill, tokenize
 from .errors import CcliError
 from .hub import Loaded, load
 from .inputs import build_inputs
-from .measure.fidelity import compare, ffn_errors
+from .measure.fidelity import compare, ffn_fidelity
 from .measure.flops import count_flops
 from .variants import FAMILIES
 from .variants.base import DenseFFN
@@ -110,7 +110,7 @@ def convert(
     if evaluate_fidelity:
         progress.log("measuring fidelity on held-out text")
         record["fidelity"] = compare(student, teacher.model, teacher.tokenizer, heldout, cfg.max_length)
-        record["fidelity"]["ffn_rel_error"] = ffn_errors(student, teacher_ffns, heldout_batches)
+        record["fidelity"].update(ffn_fidelity(student, teacher_ffns, heldout_batches))
     if out_path is not None:
         from .checkpoint import save_converted
 
@@ -189,5 +189,5 @@ def evaluate(directory: str, *, data: str | None = None, heldout_paragraphs: int
               "convert": student.manifest.get("convert")}
     record["fidelity"] = compare(student.model, teacher.model, teacher.tokenizer, heldout, max_length)
     teacher_ffns = {i: DenseFFN.from_view(b.ffn) for i, b in enumerate(view(teacher.model).blocks)}
-    record["fidelity"]["ffn_rel_error"] = ffn_errors(student.model, teacher_ffns, tokenize(teacher.tokenizer, heldout, max_length))
+    record["fidelity"].update(ffn_fidelity(student.model, teacher_ffns, tokenize(teacher.tokenizer, heldout, max_length)))
     return record

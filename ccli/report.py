@@ -125,15 +125,23 @@ def fidelity_tables(record: dict) -> list[Table]:
                  ("perplexity: original / converted", f"{fid['perplexity_teacher']:.2f} / {fid['perplexity_student']:.2f}")]
     for name, value in rows:
         table.add_row(name, value)
-    layers = Table(title="per-layer FFN relative error (0 = exact, 1 = no better than the mean)")
+    layers = Table(title="per-layer FFN fidelity on held-out text",
+                   caption="relative error: 0 = exact, 1 = no better than the mean; tokens with large outputs "
+                           "dominate it. Token cosine: mean over tokens, every token alike.")
     layers.add_column("layer", justify="right")
-    layers.add_column("held-out", justify="right")
+    layers.add_column("held-out rel. error", justify="right")
+    cosines = fid.get("ffn_token_cosine", {})
+    if cosines:
+        layers.add_column("held-out token cosine", justify="right")
     train = {r["layer"]: r for r in record.get("layers", []) if r.get("target", "ffn") == "ffn"}
     if train:
         layers.add_column("training: after init", justify="right")
         layers.add_column("after distillation", justify="right")
     for index, err in fid.get("ffn_rel_error", {}).items():
         cells = [str(index), f"{err:.4f}"]
+        if cosines:
+            cos = cosines.get(index, cosines.get(str(index)))
+            cells.append("" if cos is None else f"{cos:.4f}")
         if train:
             t = train.get(int(index))
             cells += [f"{t['init_rel_error']:.4f}", f"{t['final_rel_error']:.4f}"] if t else ["", ""]

@@ -4,7 +4,7 @@ import torch
 from ccli.arch import view
 from ccli.measure.neurons import active_neurons
 from ccli.measure.timing import time_call
-from tiny import WIDTH, tiny
+from tiny import HIDDEN, WIDTH, tiny
 
 
 def test_positive_neurons_match_a_direct_count_and_skip_padding():
@@ -55,3 +55,38 @@ def test_fidelity_is_perfect_for_the_original_and_sees_short_inputs():
         changed.encoder.layer[2].output.dense.weight.mul_(0.5)
     other = compare(changed, loaded.model, loaded.tokenizer, paragraphs)
     assert other["embedding_cosine_short"] < 0.9999 and other["embedding_cosine"] < 0.9999
+
+
+def test_ffn_fidelity_pools_errors_but_weighs_every_token_alike_in_the_cosine():
+    from ccli.distill import collect_ffn_inputs
+    from ccli.measure.fidelity import ffn_fidelity
+    from ccli.variants.base import DenseFFN
+    from ccli.variants.fff import FFFVariant
+
+    teacher, student = tiny("bert"), tiny("bert")
+    dense = {i: DenseFFN.from_view(b.ffn) for i, b in enumerate(view(teacher).blocks)}
+    ids = torch.randint(3, 100, (3, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[2, 5:] = 0
+    batches = [{"input_ids": ids, "attention_mask": mask}]
+    # depth 0 with every neuron in the one leaf: an exact copy of the dense FFN
+    halved, exact = (FFFVariant(trees=1, depth=0, leaf_width=WIDTH).init_from_dense(dense[i], torch.randn(32, HIDDEN), seed=0)
+                     for i in (0, 1))
+    with torch.no_grad():
+        halved.linear_out.weight.mul_(0.5)
+        halved.output_bias.mul_(0.5)
+    arch = view(student)
+    arch.blocks[0].ffn.replace(halved.eval())
+    arch.blocks[1].ffn.replace(exact.eval())
+
+    result = ffn_fidelity(student, dense, batches)
+
+    x = collect_ffn_inputs(student, arch, 0, batches, 10**6)
+    assert x.shape[0] == int(mask.sum())  # padding is left out
+    with torch.no_grad():
+        y = dense[0](x)
+    expected = (0.25 * y.pow(2).sum() / (y - y.mean(0)).pow(2).sum()).item()
+    assert result["ffn_rel_error"][0] == pytest.approx(expected, rel=1e-3)
+    assert result["ffn_token_cosine"][0] == pytest.approx(1.0, abs=1e-5)  # a scaled output points the same way
+    assert result["ffn_rel_error"][1] == pytest.approx(0.0, abs=1e-5)
+    assert result["ffn_token_cosine"][1] == pytest.approx(1.0, abs=1e-5)
