@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .api import additions_by_component, flops_by_component, weight_bytes
 from .arch import view
-from .data import load_paragraphs, with_short_spans
+from .data import load_paragraphs, training_text
 from .distill import DistillConfig, Progress, distill, tokenize
 from .errors import CcliError
 from .hub import Loaded, load
@@ -67,7 +67,7 @@ def convert(
         raise CcliError(f"'{plan['model']}' is already a converted ccli model; convert its base model instead")
     arch = view(teacher.model)
     cfg = plan["distill"]
-    train = with_short_spans(load_paragraphs(plan["data"], "train"), cfg.short_spans, cfg.seed)
+    train = training_text(plan["data"], cfg.short_spans, cfg.seed)
     heldout = load_paragraphs(plan["data"], "heldout")[:heldout_paragraphs]
     batches = tokenize(teacher.tokenizer, train, cfg.max_length)
     heldout_batches = tokenize(teacher.tokenizer, heldout, cfg.max_length)

@@ -130,3 +130,14 @@ def with_short_spans(paragraphs: list[str], fraction: float, seed: int = 0) -> l
         start = rng.randint(0, len(words) - n)
         spans.append(" ".join(words[start : start + n]))
     return list(paragraphs) + spans
+
+
+def training_text(source: str | None, short_spans: float, seed: int) -> list[str]:
+    """The train split of `source` with its short spans (`with_short_spans`), in a seeded random order.
+
+    Distillation calibrates each layer on the first `tokens` tokens of this list, so its order is the
+    sample: in corpus order, the bundled corpus's first 32k tokens are all prose (its docstrings come
+    after), and the spans come last of all. Shuffled, any prefix samples every source and the spans."""
+    text = with_short_spans(load_paragraphs(source, "train"), short_spans, seed)
+    random.Random(seed).shuffle(text)
+    return text

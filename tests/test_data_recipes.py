@@ -97,3 +97,18 @@ def test_short_spans_are_cut_from_the_paragraphs():
         assert any(f" {span} " in f" {p} " and (len(words) >= SPAN_WORDS[0] or len(p.split()) == len(words))
                    for p in paragraphs)  # a contiguous run of whole words of one paragraph
     assert min(lengths) < 8 and max(lengths) > 32  # log-uniform: both short and long spans
+
+
+def test_training_text_is_a_seeded_shuffle_so_any_prefix_samples_every_source():
+    from ccli.data import _bundled, _paragraphs_from_text, training_text
+
+    prose = set(_paragraphs_from_text(_bundled("prose.txt")))
+    text = training_text(None, 0.5, seed=0)
+    assert sorted(text) == sorted(with_short_spans(load_paragraphs(None, "train"), 0.5, seed=0))
+    assert text == training_text(None, 0.5, seed=0)
+    in_order = load_paragraphs(None, "train")
+    assert all(p in prose for p in in_order[:200])  # the corpus order starts with prose only
+    head = text[:200]
+    spans = [p for p in head if p not in set(in_order)]
+    assert 0 < sum(p in prose for p in head) < len(head) - len(spans)  # prose and docstrings
+    assert spans  # and the short spans

@@ -16,6 +16,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
@@ -54,9 +56,10 @@ def _encode(model, tokenizer, texts: list[str], max_length: int, batch_size: int
     return torch.cat(pooled), outputs
 
 
-def ffn_fidelity(student: nn.Module, teacher_ffns: dict[int, DenseFFN], batches: list[dict], tokens: int = 8192) -> dict:
+def ffn_fidelity(student: nn.Module, teacher_ffns: dict[int, DenseFFN], batches: list[dict], tokens: int | None = None) -> dict:
     """Each converted FFN (replaced whole, or with converted linears inside) against its dense teacher,
-    on the student's own inputs: {"ffn_rel_error": {layer: e}, "ffn_token_cosine": {layer: c}}.
+    on the student's own inputs (every real token of `batches`, or the first `tokens`):
+    {"ffn_rel_error": {layer: e}, "ffn_token_cosine": {layer: c}}.
 
     The relative error pools squared errors over all tokens, so the few tokens with very large FFN
     outputs dominate it: in all-MiniLM-L6-v2's blocks 0-2, [CLS] and [SEP] hold 80-94% of the output
@@ -70,7 +73,7 @@ def ffn_fidelity(student: nn.Module, teacher_ffns: dict[int, DenseFFN], batches:
         ffn = arch.blocks[i].ffn
         if not ffn.converted:
             continue
-        x = collect_ffn_inputs(student, arch, i, batches, tokens)
+        x = collect_ffn_inputs(student, arch, i, batches, tokens or sys.maxsize)
         with torch.inference_mode():
             pred, target = ffn.run(x), dense(x)
             errors[i] = round(relative_error(pred, target).item(), 5)
