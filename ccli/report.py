@@ -139,8 +139,8 @@ def fidelity_tables(record: dict) -> list[Table]:
         layers.add_column("after distillation", justify="right")
     for index, err in fid.get("ffn_rel_error", {}).items():
         cells = [str(index), f"{err:.4f}"]
-        if cosines:
-            cos = cosines.get(index, cosines.get(str(index)))
+        if cosines:  # same keys as ffn_rel_error: both come from one ffn_fidelity call
+            cos = cosines.get(index)
             cells.append("" if cos is None else f"{cos:.4f}")
         if train:
             t = train.get(int(index))

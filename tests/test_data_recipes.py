@@ -108,7 +108,7 @@ def test_training_text_is_a_seeded_shuffle_so_any_prefix_samples_every_source():
     assert text == training_text(None, 0.5, seed=0)
     in_order = load_paragraphs(None, "train")
     assert all(p in prose for p in in_order[:200])  # the corpus order starts with prose only
-    head = text[:200]
-    spans = [p for p in head if p not in set(in_order)]
+    head, paragraphs = text[:200], set(in_order)
+    spans = [p for p in head if p not in paragraphs]
     assert 0 < sum(p in prose for p in head) < len(head) - len(spans)  # prose and docstrings
     assert spans  # and the short spans

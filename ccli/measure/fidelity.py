@@ -56,9 +56,9 @@ def _encode(model, tokenizer, texts: list[str], max_length: int, batch_size: int
     return torch.cat(pooled), outputs
 
 
-def ffn_fidelity(student: nn.Module, teacher_ffns: dict[int, DenseFFN], batches: list[dict], tokens: int | None = None) -> dict:
+def ffn_fidelity(student: nn.Module, teacher_ffns: dict[int, DenseFFN], batches: list[dict]) -> dict:
     """Each converted FFN (replaced whole, or with converted linears inside) against its dense teacher,
-    on the student's own inputs (every real token of `batches`, or the first `tokens`):
+    on the student's own inputs (every real token of `batches`):
     {"ffn_rel_error": {layer: e}, "ffn_token_cosine": {layer: c}}.
 
     The relative error pools squared errors over all tokens, so the few tokens with very large FFN
@@ -73,7 +73,7 @@ def ffn_fidelity(student: nn.Module, teacher_ffns: dict[int, DenseFFN], batches:
         ffn = arch.blocks[i].ffn
         if not ffn.converted:
             continue
-        x = collect_ffn_inputs(student, arch, i, batches, tokens or sys.maxsize)
+        x = collect_ffn_inputs(student, arch, i, batches, sys.maxsize)
         with torch.inference_mode():
             pred, target = ffn.run(x), dense(x)
             errors[i] = round(relative_error(pred, target).item(), 5)
