@@ -2,12 +2,13 @@
 
 A variant family names the *units* it replaces (`Variant.units`): whole FFNs (fff, moe) or single
 linear layers (ternary). Conversion runs in two stages, the same for every family:
-1. Unit by unit, in forward order. For each unit the engine collects its real inputs (the first
-   `tokens` real tokens of the training batches, so those must come in random order:
-   `data.training_text` shuffles the text) from the student as converted so far (earlier units already replaced, so each one learns to work with
-   what the converted units before it really produce), computes the dense teacher's outputs on
-   those inputs, builds the new module from the dense one (`unit.build`) and trains it to match
-   (relative MSE). A progress checkpoint is written after every unit.
+1. Unit by unit, in forward order. For each unit the engine collects its real inputs from the
+   student as converted so far (earlier units already replaced, so each one learns to work with
+   what the converted units before it really produce): the first `tokens` real tokens of the
+   training batches, so the batches must come in random order (`data.training_text` shuffles the
+   text). It computes the dense teacher's outputs on those inputs, builds the new module from the
+   dense one (`unit.build`) and trains it to match (relative MSE). A progress checkpoint is written
+   after every unit.
 2. Optionally end to end: all converted modules are trained together so that the student's final
    hidden states match the teacher's on the same text. Before it starts, every converted module's
    `prepare_for_end_to_end()` (if it has one) may re-express its trainable state without changing

@@ -71,8 +71,10 @@ def test_existing_output_is_never_overwritten_silently(converted):
 
 @pytest.fixture
 def one_thread():
-    """Bit-identical runs need one thread: with two, two identical trainings in one process were seen to
-    differ in the last bits (multithreaded float reductions are not reproducible run to run)."""
+    """Bit-identical runs need one thread. With two, every conversion differs from the next in the last
+    bits, in one process or in fresh ones (three runs, three different weight hashes; with one thread,
+    all the same): torch's multithreaded CPU reductions are not reproducible run to run. The test is
+    about what resuming keeps, so it removes that noise rather than loosening its comparison."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
