@@ -114,20 +114,20 @@ class FFF(nn.Module):
 
     # -- forward -------------------------------------------------------------------------------
     def _kernel_weights(self) -> tuple:
-        """(w_in, b_in, w_out, b_out) in the kernel's layout (w_out: linear_out's weight as contiguous
-        rows (K*M, H)), cached while the parameters are unchanged: the same objects (the cache holds
-        them, so their ids stay theirs), at the same versions and addresses. It reads the parameter
-        dicts directly because on one token nn.Module attribute lookups cost as much as the kernel.
-        Inference tensors (a model built under torch.inference_mode()) have no version counter; for
-        them only replacements and moves are seen, as they cannot change outside inference mode."""
-        linear_in, linear_out = self._modules["linear_in"]._parameters, self._modules["linear_out"]._parameters
-        params = (linear_in["weight"], linear_in["bias"], linear_out["weight"], self._parameters.get("output_bias"))
-        key = [None if p is None else (id(p), -1 if p.is_inference() else p._version, p.data_ptr()) for p in params]
+        """(w_in, b_in, w_out, b_out) in the kernel's layout. Only w_out differs from the parameters
+        (linear_out's weight as contiguous rows (K*M, H)); that copy is cached while the weight is
+        unchanged: the same object (the cache holds it, so its id stays its own), at the same version
+        and address. It reads the parameter dicts directly and checks one tensor because on one token
+        nn.Module attribute lookups and version checks cost as much as the kernel. Inference tensors
+        (a model built under torch.inference_mode()) have no version counter; for them only
+        replacements and moves are seen, as they cannot change outside inference mode."""
+        linear_in = self._modules["linear_in"]._parameters
+        w_out = self._modules["linear_out"]._parameters["weight"]
+        key = (id(w_out), -1 if w_out.is_inference() else w_out._version, w_out.data_ptr())
         cache = self._kernel_cache
         if cache is None or cache[0] != key:
-            w_in, b_in, w_out, b_out = params
-            cache = self._kernel_cache = (key, (w_in, b_in, w_out.detach().t().contiguous(), b_out))
-        return cache[1]
+            cache = self._kernel_cache = (key, w_out.detach().t().contiguous(), w_out)
+        return linear_in["weight"], linear_in["bias"], cache[1], self._parameters.get("output_bias")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and torch.is_grad_enabled():
