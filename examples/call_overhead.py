@@ -43,12 +43,14 @@ def main() -> None:
         w_in, b_in, w_out, b_out = layer._kernel_weights()
         calls = {
             "nn.Identity module call": lambda: identity(x),
-            "aten.neg (dispatcher, new output)": lambda: torch.neg(x),
-            "FFF kernel called directly (pybind)": lambda: native._ext.fff_forward(x, w_in, b_in, w_out, 1, 11, 1, "gelu", b_out)
-            if native._ext is not None else None,
-            "ccli::fff op": lambda: fff_op.fff(x, w_in, b_in, w_out, 1, 11, 1, "gelu", b_out),
-            "FFF module call (1 x 11 x 1)": lambda: layer(x),
+            "torch.neg (dispatcher, new output)": lambda: torch.neg(x),
         }
+        extension = native._ext  # None when the native kernel could not be built
+        if extension is not None:
+            calls["FFF C++ kernel called directly"] = lambda: extension.fff_forward(
+                x, w_in, b_in, w_out, 1, 11, 1, "gelu", b_out)
+        calls["ccli::fff op (ccli.kernels.fff.fff)"] = lambda: fff_op.fff(x, w_in, b_in, w_out, 1, 11, 1, "gelu", b_out)
+        calls["FFF module call (1 x 11 x 1)"] = lambda: layer(x)
         times = {name: microseconds(fn) for name, fn in calls.items()}
         times["dense FFN module call"] = dense_us = microseconds(lambda: dense(x), calls=300)
     for name, us in times.items():

@@ -52,14 +52,15 @@ def main(k: int = 382, e2e_steps: int = 1200) -> None:
     heldout = load_paragraphs(None, "heldout")[:256]
     keys = ("embedding_cosine", "embedding_cosine_min", "embedding_cosine_short", "retrieval_agreement")
 
+    cfg = DistillConfig(e2e_steps=e2e_steps, e2e_lr=5e-4, short_spans=0.5)  # as recipes/fff-minilm.yaml
+
     def report(stage: str) -> None:
-        fidelity = compare(student, teacher.model, teacher.tokenizer, heldout, 128)
+        fidelity = compare(student, teacher.model, teacher.tokenizer, heldout, cfg.max_length)
         print(stage, {key: round(fidelity[key], 4) for key in keys}, flush=True)
 
     report(f"top-{k} neurons per token, untrained:")
     if e2e_steps == 0:
         return
-    cfg = DistillConfig(e2e_steps=e2e_steps, e2e_lr=5e-4, short_spans=0.5)  # as recipes/fff-minilm.yaml
     batches = tokenize(teacher.tokenizer, training_text(None, cfg.short_spans, cfg.seed), cfg.max_length)
     end_to_end(student, teacher.model, batches, cfg, Progress())
     report(f"after {e2e_steps} end-to-end steps:")
