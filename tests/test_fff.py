@@ -13,7 +13,7 @@ from ccli.variants.base import DenseFFN
 from ccli.variants.fff import FFF, FFFVariant
 from tiny import HIDDEN, LAYERS, WIDTH, tiny
 
-SHAPES = [(1, 0, 4), (1, 3, 1), (2, 2, 3), (3, 1, 5), (1, 5, 2)]
+SHAPES = [(1, 0, 4), (1, 3, 1), (2, 2, 3), (3, 1, 5), (1, 5, 2), (2, 3, 9), (1, 0, 8)]  # the last two train leaf by leaf
 
 
 def _layer(trees, depth, leaf_width, hidden=HIDDEN, seed=0):
@@ -43,6 +43,24 @@ def test_training_path_equals_the_kernel_path(trees, depth, leaf_width):
     with torch.no_grad():
         inferred = layer(x)
     torch.testing.assert_close(trained, inferred, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("trees, depth, leaf_width", [(1, 0, 4), (1, 3, 1), (2, 2, 3), (3, 4, 6), (1, 6, 2)])
+def test_leaf_by_leaf_training_computes_the_masked_function_and_gradients(trees, depth, leaf_width):
+    """The two training computations (wide leaves: per leaf; narrow: masked dense) agree in outputs
+    and in every parameter's and the input's gradient, including leaves that no token reaches."""
+    layer = _layer(trees, depth, leaf_width).train()
+    results = []
+    for compute in (layer._masked_training_output, layer._leaf_by_leaf_training_output):
+        layer.zero_grad()
+        x = torch.randn(37, HIDDEN, generator=torch.Generator().manual_seed(3), requires_grad=True)
+        weights = torch.randn(37, HIDDEN, generator=torch.Generator().manual_seed(4))
+        y = compute(x)
+        (y * weights).sum().backward()
+        results.append((y.detach(), x.grad, layer.linear_in.weight.grad.clone(), layer.linear_in.bias.grad.clone(),
+                        layer.linear_out.weight.grad.clone()))
+    for masked, leaf_by_leaf in zip(*results):
+        torch.testing.assert_close(leaf_by_leaf, masked, atol=1e-5, rtol=1e-5)
 
 
 def test_inference_follows_every_change_of_the_weights():

@@ -10,7 +10,10 @@ without bias, where M = 2^D - 1 + 2^D * W and node n of tree k is row k*M + n, s
 UltraFastBERT layer loads unchanged (`FFF.from_ultrafastbert`).
 
 Inference always runs hard routing through the CMM kernel (ccli.kernels.fff). Training uses the
-same hard routes on a masked dense computation, so gradients reach exactly the neurons a token uses.
+same hard routes, so gradients reach exactly the neurons a token uses: with wide leaves it computes,
+tree by tree, the nodes densely and each leaf's block only on the tokens that reach it (training
+costs what the routes visit, not every neuron the tree holds); with narrow leaves (UltraFastBERT's
+1-neuron leaves, thousands of them) it masks a dense computation instead.
 
 Conversion from a dense FFN (`FFFVariant.init_from_dense`), in the spirit of MoEfication:
 1. with several trees, the dense neurons are split into one group per tree by co-activation;
@@ -36,6 +39,22 @@ from .base import DenseFFN, FFNVariant, apply_activation
 
 def neurons_per_tree(depth: int, leaf_width: int) -> int:
     return 2**depth - 1 + 2**depth * leaf_width
+
+
+# Leaves at least this wide train leaf by leaf (one small matmul per leaf); narrower ones, where a
+# Python loop over many tiny leaves would cost more than the neurons it skips, train masked.
+LEAF_BY_LEAF_MIN_WIDTH = 8
+
+
+def walk(z_nodes: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Walk trees from the root by the sign of the node pre-activations z_nodes (..., 2^D - 1):
+    returns the 0/1 mask of the nodes visited (same shape) and the leaf reached (...), in 0..2^D-1."""
+    path = torch.zeros_like(z_nodes)
+    node = torch.zeros(*z_nodes.shape[:-1], 1, dtype=torch.long, device=z_nodes.device)
+    for _ in range(depth):
+        path.scatter_(-1, node, 1.0)
+        node = 2 * node + 1 + (z_nodes.gather(-1, node) >= 0).long()
+    return path, node.squeeze(-1) - (2**depth - 1)
 
 
 class FFF(nn.Module):
@@ -85,16 +104,12 @@ class FFF(nn.Module):
     def route_mask(self, z: torch.Tensor) -> torch.Tensor:
         """0/1 mask (tokens, K*M) of the neurons each token visits, from pre-activations z (tokens, K*M)."""
         tokens = z.shape[0]
-        k, m, d, w = self.trees, self.per_tree, self.depth, self.leaf_width
+        k, m, w, internal = self.trees, self.per_tree, self.leaf_width, 2**self.depth - 1
         zt = z.detach().view(tokens, k, m)
-        mask = torch.zeros(tokens, k, m, dtype=z.dtype, device=z.device)
-        node = torch.zeros(tokens, k, 1, dtype=torch.long, device=z.device)
-        for _ in range(d):
-            mask.scatter_(2, node, 1.0)
-            node = 2 * node + 1 + (zt.gather(2, node) >= 0).long()
-        leaf = node - (2**d - 1)
-        leaf_rows = (2**d - 1) + leaf * w + torch.arange(w, device=z.device)
-        mask.scatter_(2, leaf_rows, 1.0)
+        path, leaf = walk(zt[..., :internal], self.depth)
+        mask = torch.zeros_like(zt)
+        mask[..., :internal] = path
+        mask.scatter_(2, internal + leaf.unsqueeze(2) * w + torch.arange(w, device=z.device), 1.0)
         return mask.view(tokens, k * m)
 
     def routed_activations(self, x2d: torch.Tensor) -> torch.Tensor:
@@ -129,9 +144,43 @@ class FFF(nn.Module):
             cache = self._kernel_cache = (key, w_out.detach().t().contiguous(), w_out)
         return linear_in["weight"], linear_in["bias"], cache[1], self._parameters.get("output_bias")
 
+    def _masked_training_output(self, x2d: torch.Tensor) -> torch.Tensor:
+        """Every neuron computed, the unvisited ones masked out: (tokens, H), without output bias."""
+        return self.linear_out(self.routed_activations(x2d))
+
+    def _leaf_by_leaf_training_output(self, x2d: torch.Tensor) -> torch.Tensor:
+        """The same function as `_masked_training_output`, computing only what the routes visit:
+        per tree, the 2^D - 1 node neurons densely, then each leaf's W neurons on its own tokens."""
+        tokens, leaves = x2d.shape[0], 2**self.depth
+        internal = leaves - 1
+        # unbind, not indexing: its backward writes each gradient once, where a slice per leaf would
+        # add a zero-filled gradient of the whole weight per leaf
+        w_in = self.linear_in.weight.view(self.trees, self.per_tree, -1).unbind(0)
+        b_in = self.linear_in.bias.view(self.trees, self.per_tree).unbind(0)
+        w_out = self.linear_out.weight.view(-1, self.trees, self.per_tree).unbind(1)
+        y = x2d.new_zeros(tokens, self.hidden_size)
+        for k in range(self.trees):
+            z = nn.functional.linear(x2d, w_in[k][:internal], b_in[k][:internal])
+            path, leaf = walk(z.detach(), self.depth)
+            if internal:
+                y = y + nn.functional.linear(apply_activation(z, self.activation) * path, w_out[k][:, :internal])
+            leaf_w_in = w_in[k][internal:].view(leaves, self.leaf_width, -1).unbind(0)
+            leaf_b_in = b_in[k][internal:].view(leaves, self.leaf_width).unbind(0)
+            leaf_w_out = w_out[k][:, internal:].reshape(-1, leaves, self.leaf_width).unbind(1)
+            counts = torch.bincount(leaf, minlength=leaves).tolist()
+            for j, members in enumerate(torch.split(torch.argsort(leaf), counts)):
+                if counts[j]:
+                    h = apply_activation(nn.functional.linear(x2d[members], leaf_w_in[j], leaf_b_in[j]), self.activation)
+                    y = y.index_add(0, members, nn.functional.linear(h, leaf_w_out[j]))
+        return y
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.training and torch.is_grad_enabled():
-            y = self.linear_out(self.routed_activations(x.reshape(-1, self.hidden_size))).view_as(x)
+            x2d = x.reshape(-1, self.hidden_size)
+            if self.leaf_width >= LEAF_BY_LEAF_MIN_WIDTH:
+                y = self._leaf_by_leaf_training_output(x2d).view_as(x)
+            else:
+                y = self._masked_training_output(x2d).view_as(x)
             return y if self.output_bias is None else y + self.output_bias
         w_in, b_in, w_out, b_out = self._kernel_weights()
         return fff(x, w_in, b_in, w_out, self.trees, self.depth, self.leaf_width, self.activation, b_out)
