@@ -28,7 +28,6 @@ Conversion from a dense FFN (`FFFVariant.init_from_dense`), in the spirit of MoE
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 
@@ -93,7 +92,7 @@ class FFF(nn.Module):
 
     @classmethod
     def from_ultrafastbert(cls, linear_in_weight, linear_in_bias, linear_out_weight, *, trees: int, depth: int,
-                           activation: str = "gelu") -> "FFF":
+                           activation: str = "gelu") -> FFF:
         """A layer holding an UltraFastBERT FFF's weights, unchanged (its depth D = 2^(D+1)-1 nodes per tree)."""
         layer = cls(linear_in_weight.shape[1], trees, depth, 1, activation, output_bias=False)
         layer.load_state_dict({"linear_in.weight": linear_in_weight, "linear_in.bias": linear_in_bias,
