@@ -151,6 +151,8 @@ def convert(
     tokens: Optional[int] = typer.Option(None, "--tokens", help="Calibration tokens per layer."),
     short_spans: Optional[float] = typer.Option(
         None, "--short-spans", help="Add this fraction of short random spans (4-64 words) to the training text (default 0)."),
+    e2e_target: Optional[str] = typer.Option(
+        None, "--e2e-target", help="End-to-end loss on the final hidden states (last, default) or on every block's output (all)."),
     data: Optional[str] = typer.Option(None, "--data", help="Training text: bundled, a .txt or .jsonl file, or hf:NAME."),
     out: Optional[str] = typer.Option(None, "--out", "-o", help="Directory to save the converted model in."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted conversion into the same --out."),
@@ -166,6 +168,7 @@ def convert(
     record = _run(lambda: run_convert(
         model, to=to, params=params, recipe=recipe, data=data, out=out, resume=resume, overwrite=overwrite,
         steps=steps, e2e_steps=e2e_steps, lr=lr, e2e_lr=e2e_lr, seed=seed, tokens=tokens, short_spans=short_spans,
+        e2e_target=e2e_target,
     ))
     _emit([record], as_json, "convert")
 

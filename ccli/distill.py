@@ -9,8 +9,10 @@ linear layers (ternary). Conversion runs in two stages, the same for every famil
    text). It computes the dense teacher's outputs on those inputs, builds the new module from the
    dense one (`unit.build`) and trains it to match (relative MSE). A progress checkpoint is written
    after every unit.
-2. Optionally end to end: all converted modules are trained together so that the student's final
-   hidden states match the teacher's on the same text. Before it starts, every converted module's
+2. Optionally end to end: all converted modules are trained together so that the student's hidden
+   states match the teacher's on the same text: the final ones (`e2e_target="last"`), or every
+   block's output (`"all"`, the mean of the blocks' relative errors), which keeps each block close to
+   its teacher instead of letting later blocks compensate for earlier ones. Before it starts, every converted module's
    `prepare_for_end_to_end()` (if it has one) may re-express its trainable state without changing
    what it computes (ternary linears move their latent weights away from rounding thresholds).
 Finally every converted module's `finalize()` (if it has one) drops what only training needed.
@@ -35,6 +37,8 @@ from .arch import ArchView, view
 from .errors import CcliError
 from .variants.base import Unit, Variant
 
+E2E_TARGETS = ("last", "all")
+
 
 @dataclass
 class DistillConfig:
@@ -48,6 +52,7 @@ class DistillConfig:
     max_length: int = 128
     e2e_batch: int = 16  # sequences per end-to-end step
     short_spans: float = 0.0  # add this fraction of short random spans to the training text (data.with_short_spans)
+    e2e_target: str = "last"  # end-to-end loss on the final hidden states ("last") or every block's output ("all")
     layers: list[int] | None = None  # which blocks to convert (None: all)
 
     def validate(self) -> None:
@@ -61,6 +66,8 @@ class DistillConfig:
                 raise CcliError(f"--{key.replace('_', '-')} must be between 0 and 1 (got {value!r})")
         if not isinstance(self.short_spans, (int, float)) or isinstance(self.short_spans, bool) or not 0 <= self.short_spans <= 4:
             raise CcliError(f"--short-spans must be a number from 0 to 4 (got {self.short_spans!r})")
+        if self.e2e_target not in E2E_TARGETS:
+            raise CcliError(f"--e2e-target must be one of {', '.join(E2E_TARGETS)} (got {self.e2e_target!r})")
 
 
 @dataclass
@@ -317,9 +324,23 @@ def _hidden(out) -> torch.Tensor:
     return out.last_hidden_state if getattr(out, "last_hidden_state", None) is not None else out.hidden_states[-1]
 
 
+def compared_states(out, mask: torch.Tensor, target: str) -> list[torch.Tensor]:
+    """The hidden states the end-to-end loss compares, on the real (non-padding) tokens: the final ones
+    ("last"), or every block's output ("all"; hidden_states[0] is the embedding output, which no block
+    has touched)."""
+    real = mask.bool()
+    states = [_hidden(out)] if target == "last" else list(out.hidden_states[1:])
+    return [h[real] for h in states]
+
+
+def hidden_state_error(student_states: list[torch.Tensor], teacher_states: list[torch.Tensor]) -> torch.Tensor:
+    """The end-to-end loss: the mean relative error of the compared hidden states."""
+    return sum(relative_error(s, t) for s, t in zip(student_states, teacher_states)) / len(student_states)
+
+
 def end_to_end(student: nn.Module, teacher: nn.Module, batches: list[dict], cfg: DistillConfig,
                progress: Progress) -> tuple[list[float], bool | None]:
-    """Train every converted module together so the student's final hidden states match the teacher's.
+    """Train every converted module together so the student's hidden states (`cfg.e2e_target`) match the teacher's.
     Returns the training losses and whether the result was kept (None: nothing to train)."""
     layers = converted_modules(student)
     params = [p for m in layers for p in m.parameters()]
@@ -336,7 +357,7 @@ def end_to_end(student: nn.Module, teacher: nn.Module, batches: list[dict], cfg:
     # that ends worse than it started is undone rather than silently kept.
     probe = [_pad([p[0] for p in chunk], [p[1] for p in chunk])
              for chunk in _chunks(random.Random(cfg.seed + 1).sample(pool, min(64, len(pool))), cfg.e2e_batch)]
-    probe_before = _probe_error(student, teacher, probe)
+    probe_before = _probe_error(student, teacher, probe, cfg.e2e_target)
     saved = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in layers]
     for m in layers:
         if hasattr(m, "prepare_for_end_to_end"):  # after the snapshot: undoing restores the layer-wise result exactly
@@ -345,29 +366,28 @@ def end_to_end(student: nn.Module, teacher: nn.Module, batches: list[dict], cfg:
     optimizer = torch.optim.Adam(params, lr=cfg.e2e_lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.e2e_steps)
     task = progress.task("end to end", cfg.e2e_steps)
+    what = "hidden-state rel. error" if cfg.e2e_target == "last" else "mean block-output rel. error"
     losses = []
     for step in range(cfg.e2e_steps):
         picked = generator.sample(pool, min(cfg.e2e_batch, len(pool)))
         ids, mask = _pad([p[0] for p in picked], [p[1] for p in picked])
         kwargs = {"input_ids": ids, "attention_mask": mask}
         with torch.no_grad():
-            target = _hidden(teacher(**kwargs, output_hidden_states=True))
-        pred = _hidden(student(**kwargs, output_hidden_states=True))
-        real = mask.bool()
-        loss = relative_error(pred[real], target[real])
+            target = compared_states(teacher(**kwargs, output_hidden_states=True), mask, cfg.e2e_target)
+        loss = hidden_state_error(compared_states(student(**kwargs, output_hidden_states=True), mask, cfg.e2e_target), target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
         losses.append(loss.item())
-        progress.update(task, info=f"hidden-state rel. error {loss.item():.4f}")
+        progress.update(task, info=f"{what} {loss.item():.4f}")
     for m in layers:
         m.eval()
     for p in student.parameters():
         p.requires_grad_(False)
-    progress.log(f"end to end: hidden-state relative error {losses[0]:.4f} -> {sum(losses[-10:]) / len(losses[-10:]):.4f} "
+    progress.log(f"end to end: {what} {losses[0]:.4f} -> {sum(losses[-10:]) / len(losses[-10:]):.4f} "
                  f"over {cfg.e2e_steps} steps")
-    probe_after = _probe_error(student, teacher, probe)
+    probe_after = _probe_error(student, teacher, probe, cfg.e2e_target)
     if probe_after > probe_before:
         for m, state in zip(layers, saved):
             m.load_state_dict(state)
@@ -381,15 +401,14 @@ def _chunks(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def _probe_error(student: nn.Module, teacher: nn.Module, probe: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Final hidden-state relative error of the student (inference path) on the probe batches."""
+def _probe_error(student: nn.Module, teacher: nn.Module, probe: list[tuple[torch.Tensor, torch.Tensor]], target: str) -> float:
+    """The end-to-end loss of the student (inference path) on the probe batches, pooled over them."""
     preds, targets = [], []
     with torch.no_grad():
         for ids, mask in probe:
-            real = mask.bool()
-            preds.append(_hidden(student(input_ids=ids, attention_mask=mask, output_hidden_states=True))[real])
-            targets.append(_hidden(teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True))[real])
-    return relative_error(torch.cat(preds), torch.cat(targets)).item()
+            preds.append(compared_states(student(input_ids=ids, attention_mask=mask, output_hidden_states=True), mask, target))
+            targets.append(compared_states(teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True), mask, target))
+    return hidden_state_error([torch.cat(s) for s in zip(*preds)], [torch.cat(t) for t in zip(*targets)]).item()
 
 
 def _pad(ids: list[torch.Tensor], masks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -91,7 +91,7 @@ def load_recipe(path: str | Path) -> dict:
     for key, value in distill.items():
         if key not in known:
             raise CcliError(f"{where}: unknown key 'distill.{key}' (allowed: {', '.join(known)})")
-        expected = float if key in ("lr", "e2e_lr", "short_spans") else (list if key == "layers" else int)
+        expected = {"lr": float, "e2e_lr": float, "short_spans": float, "layers": list, "e2e_target": str}.get(key, int)
         if expected is float and isinstance(value, str):
             try:
                 value = float(value)  # YAML 1.1 reads 1e-3 as a string
@@ -100,5 +100,6 @@ def load_recipe(path: str | Path) -> dict:
             distill[key] = value
         ok = isinstance(value, (int, float)) if expected is float else isinstance(value, expected)
         if not ok or isinstance(value, bool):
-            raise CcliError(f"{where}: 'distill.{key}' must be {'a number' if expected is float else 'a list' if expected is list else 'an integer'} (got {value!r})")
+            kind = {float: "a number", list: "a list", str: "a string"}.get(expected, "an integer")
+            raise CcliError(f"{where}: 'distill.{key}' must be {kind} (got {value!r})")
     return {"model": raw.get("model"), "data": raw.get("data"), "convert": convert, "distill": distill}

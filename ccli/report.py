@@ -175,7 +175,8 @@ def convert_tables(record: dict) -> list[Table]:
         summary.add_row("additions / token (ternary layers)", _si(record["adds_per_token"]))
     summary.add_row("training time", f"{record['seconds']:.0f} s")
     if record.get("e2e_loss_first") is not None:
-        summary.add_row("end-to-end hidden-state error", f"{record['e2e_loss_first']:.4f} -> {record['e2e_loss_last']:.4f}"
+        all_blocks = record.get("distill", {}).get("e2e_target") == "all"
+        summary.add_row("end-to-end " + ("block-output error (mean over blocks)" if all_blocks else "hidden-state error"), f"{record['e2e_loss_first']:.4f} -> {record['e2e_loss_last']:.4f}"
                         + (" (worse on the probe set: undone)" if record.get("e2e_kept") is False else ""))
     if record.get("out"):
         summary.add_row("saved to", record["out"])

@@ -114,5 +114,7 @@ def test_convert_cli_errors():
     assert result.exit_code == 2 and "depth must be an integer >= 0" in result.stderr
     result = runner.invoke(app, ["convert", "--to", "fff", "--short-spans", "-1"])
     assert result.exit_code == 2 and "--short-spans must be a number from 0 to 4" in result.stderr
+    result = runner.invoke(app, ["convert", "--to", "fff", "--e2e-target", "first"])
+    assert result.exit_code == 2 and "--e2e-target must be one of last, all" in result.stderr
     result = runner.invoke(app, ["eval", "minilm"])
     assert result.exit_code == 2 and "not a converted ccli model" in result.stderr

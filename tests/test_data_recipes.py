@@ -65,6 +65,7 @@ def test_shipped_recipes_are_valid():
     ("convert: []", "non-empty list"),
     ("convert: [{to: fff}]\ndistill: {lr: fast}", "'distill.lr' must be a number"),
     ("convert: [{to: fff}]\ndistill: {short_spans: many}", "'distill.short_spans' must be a number"),
+    ("convert: [{to: fff}]\ndistill: {e2e_target: 2}", "'distill.e2e_target' must be a string"),
     ("- just\n- a list", "top level must be a mapping"),
     ("convert: [{to: fff\n", "not valid YAML"),
     ("convert: [{to: ternary, act_bits: '8'}]", "'convert\\[0\\].act_bits' must be an integer"),

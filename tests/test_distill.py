@@ -1,0 +1,55 @@
+"""The end-to-end stage of the distillation engine (ccli.distill): what its loss compares."""
+
+import copy
+
+import pytest
+import torch
+
+from ccli.distill import DistillConfig, compared_states, distill, hidden_state_error, relative_error
+from ccli.errors import CcliError
+from ccli.variants.ternary import TernaryVariant
+
+from tiny import HIDDEN, LAYERS, tiny
+
+
+def _batch(seed=0, n=3, length=10):
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(n, length, dtype=torch.long)
+    mask[1, 6:] = 0  # padding must not count
+    return torch.randint(3, 100, (n, length), generator=g), mask
+
+
+def test_all_blocks_target_is_the_mean_of_every_block_outputs_error():
+    teacher = tiny("bert")
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():  # only the last block differs, so only its output and the final state do
+        student.encoder.layer[LAYERS - 1].output.dense.weight.mul_(1.5)
+    ids, mask = _batch()
+    with torch.no_grad():
+        s = student(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        t = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+    real = int(mask.sum())
+    blocks_s, blocks_t = compared_states(s, mask, "all"), compared_states(t, mask, "all")
+    assert len(blocks_s) == LAYERS and all(h.shape == (real, HIDDEN) for h in blocks_s)
+    last_s, last_t = compared_states(s, mask, "last"), compared_states(t, mask, "last")
+    assert len(last_s) == 1 and torch.equal(last_s[0], blocks_s[-1])
+    per_block = [relative_error(a, b).item() for a, b in zip(blocks_s, blocks_t)]
+    assert per_block[0] == 0 and per_block[-1] > 0
+    assert hidden_state_error(blocks_s, blocks_t).item() == pytest.approx(sum(per_block) / LAYERS)
+    assert hidden_state_error(last_s, last_t).item() == pytest.approx(per_block[-1])
+
+
+def test_end_to_end_on_every_block_output_trains_and_is_kept():
+    teacher = tiny("bert")
+    g = torch.Generator().manual_seed(1)
+    batches = [{"input_ids": torch.randint(3, 100, (4, 12), generator=g),
+                "attention_mask": torch.ones(4, 12, dtype=torch.long)} for _ in range(4)]
+    cfg = DistillConfig(steps=2, tokens=64, batch_tokens=32, e2e_steps=30, e2e_batch=4, e2e_lr=3e-3, e2e_target="all")
+    _, report = distill(copy.deepcopy(teacher), teacher, TernaryVariant(targets="all"), batches, cfg)
+    assert report.e2e_kept is True
+    assert sum(report.e2e_losses[-5:]) < sum(report.e2e_losses[:5])
+
+
+def test_unknown_end_to_end_target_is_a_clear_error():
+    with pytest.raises(CcliError, match="--e2e-target must be one of last, all"):
+        DistillConfig(e2e_target="first").validate()
