@@ -139,6 +139,8 @@ def convert(
     trees: Optional[int] = typer.Option(None, "--trees", help="fff: parallel trees per layer (default 1)."),
     depth: Optional[int] = typer.Option(None, "--depth", help="fff: tree depth (routing decisions per token)."),
     leaf_width: Optional[int] = typer.Option(None, "--leaf-width", help="fff: neurons per leaf (1 = UltraFastBERT)."),
+    leaf_linear: Optional[int] = typer.Option(
+        None, "--leaf-linear", help="fff: how many of each leaf's neurons are linear (no activation; default 0)."),
     targets: Optional[str] = typer.Option(None, "--targets", help="ternary: which linears: ffn, attention or all (default all)."),
     act_bits: Optional[int] = typer.Option(None, "--act-bits", help="ternary: 8 (int8 activations, default) or 16 (float, weight-only)."),
     scale: Optional[str] = typer.Option(None, "--scale", help="ternary: weight scale per tensor (default), channel or group."),
@@ -163,7 +165,7 @@ def convert(
     distillation, and measure fidelity."""
     from .conversion import convert as run_convert
 
-    params = {"trees": trees, "depth": depth, "leaf_width": leaf_width,
+    params = {"trees": trees, "depth": depth, "leaf_width": leaf_width, "leaf_linear": leaf_linear,
               "targets": targets, "act_bits": act_bits, "scale": scale, "group_size": group_size}
     record = _run(lambda: run_convert(
         model, to=to, params=params, recipe=recipe, data=data, out=out, resume=resume, overwrite=overwrite,

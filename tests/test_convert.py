@@ -15,7 +15,8 @@ from ccli.conversion import convert
 from ccli.errors import CcliError
 
 pytestmark = pytest.mark.slow
-BUDGET = dict(to="fff", params={"trees": 1, "depth": 2, "leaf_width": 96}, tokens=2048, batch_tokens=512,
+# leaves of 96 neurons, 16 of them linear: the save / reload / profile / bench path of both neuron kinds
+BUDGET = dict(to="fff", params={"trees": 1, "depth": 2, "leaf_width": 96, "leaf_linear": 16}, tokens=2048, batch_tokens=512,
               heldout_paragraphs=48, show_progress=False)
 
 

@@ -13,28 +13,30 @@ from ccli.variants.base import DenseFFN
 from ccli.variants.fff import FFF, FFFVariant
 from tiny import HIDDEN, LAYERS, WIDTH, tiny
 
-SHAPES = [(1, 0, 4), (1, 3, 1), (2, 2, 3), (3, 1, 5), (1, 5, 2), (2, 3, 9), (1, 0, 8)]  # the last two train leaf by leaf
+# (trees, depth, leaf width, linear neurons per leaf); leaves of 8+ neurons train leaf by leaf
+SHAPES = [(1, 0, 4, 0), (1, 3, 1, 0), (2, 2, 3, 0), (3, 1, 5, 0), (1, 5, 2, 0), (2, 3, 9, 0), (1, 0, 8, 0),
+          (2, 2, 3, 1), (1, 1, 1, 1), (2, 3, 9, 4), (1, 2, 12, 12)]
 
 
-def _layer(trees, depth, leaf_width, hidden=HIDDEN, seed=0):
+def _layer(trees, depth, leaf_width, hidden=HIDDEN, seed=0, leaf_linear=0):
     torch.manual_seed(seed)
-    layer = FFF(hidden, trees, depth, leaf_width)
+    layer = FFF(hidden, trees, depth, leaf_width, leaf_linear=leaf_linear)
     nn.init.normal_(layer.output_bias)
     return layer
 
 
-@pytest.mark.parametrize("trees, depth, leaf_width", SHAPES)
-def test_each_token_visits_one_path_per_tree(trees, depth, leaf_width):
-    layer = _layer(trees, depth, leaf_width)
+@pytest.mark.parametrize("trees, depth, leaf_width, leaf_linear", SHAPES)
+def test_each_token_visits_one_path_per_tree(trees, depth, leaf_width, leaf_linear):
+    layer = _layer(trees, depth, leaf_width, leaf_linear=leaf_linear)
     x = torch.randn(50, HIDDEN)
     computed, positive = layer.neuron_counts(x)
     assert (computed == trees * (depth + leaf_width)).all()
     assert (positive <= computed).all()
 
 
-@pytest.mark.parametrize("trees, depth, leaf_width", SHAPES)
-def test_training_path_equals_the_kernel_path(trees, depth, leaf_width):
-    layer = _layer(trees, depth, leaf_width)
+@pytest.mark.parametrize("trees, depth, leaf_width, leaf_linear", SHAPES)
+def test_training_path_equals_the_kernel_path(trees, depth, leaf_width, leaf_linear):
+    layer = _layer(trees, depth, leaf_width, leaf_linear=leaf_linear)
     x = torch.randn(2, 9, HIDDEN)
     layer.train()
     with torch.enable_grad():
@@ -45,11 +47,12 @@ def test_training_path_equals_the_kernel_path(trees, depth, leaf_width):
     torch.testing.assert_close(trained, inferred, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("trees, depth, leaf_width", [(1, 0, 4), (1, 3, 1), (2, 2, 3), (3, 4, 6), (1, 6, 2)])
-def test_leaf_by_leaf_training_computes_the_masked_function_and_gradients(trees, depth, leaf_width):
+@pytest.mark.parametrize("trees, depth, leaf_width, leaf_linear",
+                         [(1, 0, 4, 0), (1, 3, 1, 0), (2, 2, 3, 0), (3, 4, 6, 0), (1, 6, 2, 0), (2, 3, 6, 2), (1, 2, 3, 3)])
+def test_leaf_by_leaf_training_computes_the_masked_function_and_gradients(trees, depth, leaf_width, leaf_linear):
     """The two training computations (wide leaves: per leaf; narrow: masked dense) agree in outputs
     and in every parameter's and the input's gradient, including leaves that no token reaches."""
-    layer = _layer(trees, depth, leaf_width).train()
+    layer = _layer(trees, depth, leaf_width, leaf_linear=leaf_linear).train()
     results = []
     for compute in (layer._masked_training_output, layer._leaf_by_leaf_training_output):
         layer.zero_grad()
@@ -153,6 +156,25 @@ def test_init_keeps_dense_neurons_in_the_leaves():
     assert len(set(used[:32].tolist()) & set(used[32:].tolist())) == 0
 
 
+def test_linear_leaf_neurons_are_fitted_to_what_the_leaf_misses():
+    """With leaf_linear R, each leaf keeps W - R exact dense neurons and its R linear neurons are
+    fitted to the rest: the layer is closer to the dense FFN, on unseen tokens, than the same layer
+    with those neurons silent, and closer than spending the R neurons on more dense ones."""
+    dense = _dense()
+    x, unseen = torch.randn(4096, HIDDEN), torch.randn(512, HIDDEN)
+    layer = FFFVariant(trees=1, depth=1, leaf_width=20, leaf_linear=6).init_from_dense(dense, x, seed=0).eval()
+    gated = torch.cat([layer.linear_in.weight[1 + j * 20 : 1 + j * 20 + 14] for j in range(2)])
+    assert (gated[:, None, :] == dense.w_in[None]).all(-1).any(1).all()
+    wider = FFFVariant(trees=1, depth=1, leaf_width=20).init_from_dense(dense, x, seed=0).eval()
+    silent = FFF(HIDDEN, 1, 1, 20, leaf_linear=6).eval()
+    silent.load_state_dict(layer.state_dict())
+    with torch.no_grad():
+        for j in range(2):
+            silent.linear_out.weight[:, 1 + j * 20 + 14 : 1 + (j + 1) * 20] = 0
+        errors = [((f(unseen) - dense(unseen)).pow(2).sum() / dense(unseen).pow(2).sum()).item() for f in (layer, silent, wider)]
+    assert errors[0] < errors[1] and errors[0] < errors[2]
+
+
 def test_fitted_routers_beat_random_routing():
     """Routing by the fitted routers captures more of each token's activation mass than chance."""
     dense = _dense()
@@ -165,16 +187,16 @@ def test_fitted_routers_beat_random_routing():
         assert err(fitted) < err(shuffled)
 
 
-def _tiny_fff_model(trees, depth, leaf_width):
+def _tiny_fff_model(trees, depth, leaf_width, leaf_linear=0):
     model = tiny("bert")
     for ffn in view(model).ffns():
-        ffn.replace(_layer(trees, depth, leaf_width))
+        ffn.replace(_layer(trees, depth, leaf_width, leaf_linear=leaf_linear))
     return model.eval()
 
 
-@pytest.mark.parametrize("trees, depth, leaf_width", [(1, 3, 1), (2, 2, 4)])
-def test_ffn_flops_count_only_visited_nodes(trees, depth, leaf_width):
-    model = _tiny_fff_model(trees, depth, leaf_width)
+@pytest.mark.parametrize("trees, depth, leaf_width, leaf_linear", [(1, 3, 1, 0), (2, 2, 4, 0), (2, 2, 4, 3)])
+def test_ffn_flops_count_only_visited_nodes(trees, depth, leaf_width, leaf_linear):
+    model = _tiny_fff_model(trees, depth, leaf_width, leaf_linear)
     ids = torch.randint(3, 100, (2, 11))
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     counted = count_flops(model, inputs)
@@ -202,3 +224,7 @@ def test_bad_shapes_are_clear_errors():
         FFFVariant(leaf_width=0)
     with pytest.raises(CcliError, match="too deep"):
         FFFVariant(depth=25)
+    with pytest.raises(CcliError, match="leaf-linear 5 is more than the leaf width 4"):
+        FFFVariant(leaf_width=4, leaf_linear=5)
+    with pytest.raises(CcliError, match="leaf-linear must be an integer >= 0"):
+        FFFVariant(leaf_linear=-1)

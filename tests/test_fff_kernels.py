@@ -58,7 +58,7 @@ def make_bias(hidden, seed, with_bias=True):
     return torch.randint(-64, 65, (hidden,), generator=g).float() / 256
 
 
-def oracle(x, w_in, b_in, w_out, trees, depth, leaf_width, activation):
+def oracle(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, leaf_linear=0):
     """Slow per-token loop written straight from the contract, in float64."""
     act = _SCALAR_ACTS[activation]
     x, w_in, b_in, w_out = (t.double() for t in (x, w_in, b_in, w_out))
@@ -75,10 +75,11 @@ def oracle(x, w_in, b_in, w_out, trees, depth, leaf_width, activation):
                 z = float(x[t] @ w_in[base + n]) + float(b_in[base + n])
                 y[t] += act(z) * w_out[base + n]
                 n = 2 * n + 1 + (1 if z >= 0 else 0)
-            j = n - n_internal
-            for r in range(base + n_internal + j * leaf_width, base + n_internal + j * leaf_width + leaf_width):
-                z = float(x[t] @ w_in[r]) + float(b_in[r])
-                y[t] += act(z) * w_out[r]
+            first = base + n_internal + (n - n_internal) * leaf_width
+            for q in range(leaf_width):
+                z = float(x[t] @ w_in[first + q]) + float(b_in[first + q])
+                linear = q >= leaf_width - leaf_linear  # the leaf's last leaf_linear neurons
+                y[t] += (z if linear else act(z)) * w_out[first + q]
     return y
 
 
@@ -110,6 +111,7 @@ shapes = dict(
     n_tokens=st.integers(1, 6),
     activation=st.sampled_from(F.ACTIVATIONS),
     seed=st.integers(0, 2**31 - 1),
+    linear=st.integers(0, 13),  # leaf_linear = linear % (leaf_width + 1)
 )
 
 
@@ -118,12 +120,13 @@ shapes = dict(
 
 @SETTINGS
 @given(**shapes, with_bias=st.booleans())
-def test_reference_matches_oracle(trees, depth, leaf_width, hidden, n_tokens, activation, seed, with_bias):
+def test_reference_matches_oracle(trees, depth, leaf_width, hidden, n_tokens, activation, seed, linear, with_bias):
     x, w_in, b_in, w_out = make_case(trees, depth, leaf_width, hidden, n_tokens, seed)
     b_out = make_bias(hidden, seed, with_bias)
     args = (trees, depth, leaf_width, activation)
-    expected = oracle(x, w_in, b_in, w_out, *args) + (0 if b_out is None else b_out.double())
-    assert_close(F.fff_reference(x, w_in, b_in, w_out, *args, b_out), expected)
+    leaf_linear = linear % (leaf_width + 1)
+    expected = oracle(x, w_in, b_in, w_out, *args, leaf_linear) + (0 if b_out is None else b_out.double())
+    assert_close(F.fff_reference(x, w_in, b_in, w_out, *args, b_out, leaf_linear), expected)
 
 
 def test_reference_chunks_and_dtypes(monkeypatch):
@@ -146,6 +149,8 @@ def test_reference_rejects_bad_arguments():
         F.fff_reference(x, w_in, b_in[:-1], w_out, 1, 2, 2, "gelu")
     with pytest.raises(ValueError, match="b_out"):
         F.fff_reference(x, w_in, b_in, w_out, 1, 2, 2, "gelu", torch.zeros(5))
+    with pytest.raises(ValueError, match="leaf_linear"):
+        F.fff_reference(x, w_in, b_in, w_out, 1, 2, 2, "gelu", None, 3)
     with pytest.raises(ValueError):
         F.fff(x, w_in, b_in, w_out, 1, 2, 2, "tanh")  # through the op, whatever the backend
 
@@ -155,10 +160,11 @@ def test_reference_rejects_bad_arguments():
 
 @SETTINGS
 @given(**shapes, with_bias=st.booleans())
-def test_native_matches_reference(native_ext, trees, depth, leaf_width, hidden, n_tokens, activation, seed, with_bias):
+def test_native_matches_reference(native_ext, trees, depth, leaf_width, hidden, n_tokens, activation, seed, linear,
+                                  with_bias):
     x, w_in, b_in, w_out = make_case(trees, depth, leaf_width, hidden, n_tokens, seed)
     b_out = make_bias(hidden, seed, with_bias)
-    args = (trees, depth, leaf_width, activation, b_out)
+    args = (trees, depth, leaf_width, activation, b_out, linear % (leaf_width + 1))
     expected = F.fff_reference(x, w_in, b_in, w_out, *args)
     assert_close(native.fff_native(x, w_in, b_in, w_out, *args), expected)
     with F.use_backend("native"):
@@ -174,11 +180,12 @@ def test_native_matches_reference(native_ext, trees, depth, leaf_width, hidden, 
     n_tokens=st.integers(8, 60),
     activation=st.sampled_from(F.ACTIVATIONS),
     seed=st.integers(0, 2**31 - 1),
+    linear=st.integers(0, 13),
 )
-def test_native_grouped_leaves(native_ext, trees, depth, leaf_width, hidden, n_tokens, activation, seed):
+def test_native_grouped_leaves(native_ext, trees, depth, leaf_width, hidden, n_tokens, activation, seed, linear):
     """Wide leaves with many tokens take the native kernel's grouped (tokens sorted by leaf) path."""
     x, w_in, b_in, w_out = make_case(trees, depth, leaf_width, hidden, n_tokens, seed)
-    args = (trees, depth, leaf_width, activation, make_bias(hidden, seed, seed % 2 == 0))
+    args = (trees, depth, leaf_width, activation, make_bias(hidden, seed, seed % 2 == 0), linear % (leaf_width + 1))
     assert_close(native.fff_native(x, w_in, b_in, w_out, *args), F.fff_reference(x, w_in, b_in, w_out, *args))
 
 
@@ -191,12 +198,13 @@ def test_native_grouped_leaves(native_ext, trees, depth, leaf_width, hidden, n_t
     n_tokens=st.integers(16, 120),
     activation=st.sampled_from(F.ACTIVATIONS),
     seed=st.integers(0, 2**31 - 1),
+    linear=st.sampled_from([0, 1, 7, 32]) | st.integers(0, 40),
 )
-def test_native_leaves_as_matrix_products(native_ext, trees, depth, leaf_width, hidden, n_tokens, activation, seed):
+def test_native_leaves_as_matrix_products(native_ext, trees, depth, leaf_width, hidden, n_tokens, activation, seed, linear):
     """Wide leaves reached by 16 or more tokens are computed as matrix products (leaf_gemm); leaves
     with fewer tokens in the same call take the per-token path."""
     x, w_in, b_in, w_out = make_case(trees, depth, leaf_width, hidden, n_tokens, seed)
-    args = (trees, depth, leaf_width, activation, make_bias(hidden, seed, seed % 2 == 1))
+    args = (trees, depth, leaf_width, activation, make_bias(hidden, seed, seed % 2 == 1), min(linear, leaf_width))
     assert_close(native.fff_native(x, w_in, b_in, w_out, *args), F.fff_reference(x, w_in, b_in, w_out, *args))
 
 
@@ -222,9 +230,10 @@ def test_native_thread_counts(native_ext, threads):
             (1, 3, 192, 64, 1), (2, 2, 40, 300, 2), (1, 5, 33, 257, 1), (2, 3, 24, 40, 37), (1, 6, 1, 50, 9)
         ]:
             x, w_in, b_in, w_out = make_case(trees, depth, leaf_width, hidden, n_tokens, seed=n_tokens)
-            args = (trees, depth, leaf_width, "gelu", make_bias(hidden, n_tokens))
-            expected = F.fff_reference(x, w_in, b_in, w_out, *args)
-            assert_close(native.fff_native(x, w_in, b_in, w_out, *args), expected)
+            for leaf_linear in (0, leaf_width // 3, leaf_width):
+                args = (trees, depth, leaf_width, "gelu", make_bias(hidden, n_tokens), leaf_linear)
+                expected = F.fff_reference(x, w_in, b_in, w_out, *args)
+                assert_close(native.fff_native(x, w_in, b_in, w_out, *args), expected)
     finally:
         torch.set_num_threads(previous)
 
@@ -457,9 +466,9 @@ needs_interpreter = pytest.mark.skipif(
 @needs_interpreter
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(**{**shapes, "n_tokens": st.integers(1, 4)}, with_bias=st.booleans())
-def test_interp_triton_matches_reference(trees, depth, leaf_width, hidden, n_tokens, activation, seed, with_bias):
+def test_interp_triton_matches_reference(trees, depth, leaf_width, hidden, n_tokens, activation, seed, linear, with_bias):
     x, w_in, b_in, w_out = make_case(trees, depth, leaf_width, hidden, n_tokens, seed)
-    args = (trees, depth, leaf_width, activation, make_bias(hidden, seed, with_bias))
+    args = (trees, depth, leaf_width, activation, make_bias(hidden, seed, with_bias), linear % (leaf_width + 1))
     expected = F.fff_reference(x, w_in, b_in, w_out, *args)
     assert_close(fff_triton.fff_triton(x, w_in, b_in, w_out, *args), expected)
 
@@ -507,7 +516,7 @@ def test_triton_kernel_compiles_for_cuda():
         pytest.skip(f"triton AOT API unavailable: {exc}")
     kernel = fff_triton._KERNEL.get()
     pointers = {name: "*fp32" for name in ("x_ptr", "w_in_ptr", "b_in_ptr", "w_out_ptr", "b_out_ptr", "y_ptr")}
-    ints = ("H", "stride_x", "stride_y", "TREES", "DEPTH", "LEAF_WIDTH", "ROWS_PER_TREE", "N_INTERNAL")
+    ints = ("H", "stride_x", "stride_y", "TREES", "DEPTH", "LEAF_WIDTH", "LEAF_GATED", "ROWS_PER_TREE", "N_INTERNAL")
     signature = {**pointers, **{name: "i32" for name in ints},
                  **{name: "constexpr" for name in ("ACT", "HAS_B_OUT", "BLOCK_H", "BLOCK_W")}}
     assert list(signature) == list(kernel.arg_names)

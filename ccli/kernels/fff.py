@@ -9,8 +9,9 @@ is row base+n, leaf j owns rows base+I+j*W ... base+I+j*W+W-1.
 
 Per token x: y = b_out (the optional output bias (H,), else 0) plus, summed over trees, [for D
 levels from node n=0: z = x.w_in[n] + b_in[n]; y += act(z) w_out[n]; n = 2n + 1 + (z >= 0)], then
-the W neurons of leaf n - I likewise. With W = 1 this is UltraFastBERT's FFF; D = 0 is a dense FFN
-of width W per tree.
+the W neurons of leaf n - I likewise, except that the last R (`leaf_linear`, 0 <= R <= W, default 0)
+neurons of every leaf are linear: y += z w_out[r], no activation (a rank-R linear map per leaf).
+With W = 1 and R = 0 this is UltraFastBERT's FFF; D = 0 is a dense FFN of width W per tree.
 Work per token: K*(D+W) neurons, K*(D+W)*2*H multiply-accumulates.
 
 Backends: "reference" (PyTorch, any device), "native" (C++/OpenMP, CPU float32, built on first use),
@@ -44,6 +45,7 @@ __all__ = [
     "fff_reference",
     "fff_rows",
     "get_backend",
+    "leaf_activations",
     "set_backend",
     "use_backend",
 ]
@@ -68,11 +70,13 @@ def fff_macs(n_tokens: int, hidden: int, trees: int, depth: int, leaf_width: int
     return n_tokens * trees * (depth + leaf_width) * 2 * hidden
 
 
-def _check_args(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out=None) -> None:
+def _check_args(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out=None, leaf_linear=0) -> None:
     if activation not in _ACT_FNS:
         raise ValueError(f"fff: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
     if trees < 1 or depth < 0 or leaf_width < 1 or depth > 30:
         raise ValueError(f"fff: need trees >= 1, 0 <= depth <= 30, leaf_width >= 1 (got {trees}, {depth}, {leaf_width})")
+    if not 0 <= leaf_linear <= leaf_width:
+        raise ValueError(f"fff: need 0 <= leaf_linear <= leaf_width (got {leaf_linear} of {leaf_width})")
     if x.dim() != 2:
         raise ValueError(f"fff: x must be 2-D (N, H), got shape {tuple(x.shape)}")
     hidden = x.shape[1]
@@ -103,12 +107,13 @@ def fff_reference(
     leaf_width: int,
     activation: str,
     b_out: torch.Tensor | None = None,
+    leaf_linear: int = 0,
 ) -> torch.Tensor:
     """FFF forward in plain PyTorch (any device and dtype, differentiable); x is (N, H), returns (N, H).
 
     Vectorised over tokens: one gather + batched matmul per level, one for the leaf block (tokens are
     processed in chunks so that the gathered leaf weights stay bounded)."""
-    _check_args(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out)
+    _check_args(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out, leaf_linear)
     act = _ACT_FNS[activation]
     n_tokens, hidden = x.shape
     n_internal = (1 << depth) - 1
@@ -135,28 +140,37 @@ def fff_reference(
         rows = (first.unsqueeze(-1) + leaf_offsets).reshape(-1)  # (n*K*W,)
         width = trees * leaf_width
         z = torch.bmm(w_in.index_select(0, rows).view(n, width, hidden), xcol).squeeze(-1)
-        z = z + b_in.index_select(0, rows).view(n, width)
-        term = torch.bmm(act(z).unsqueeze(1), w_out.index_select(0, rows).view(n, width, hidden)).squeeze(1)
+        z = (z + b_in.index_select(0, rows).view(n, width)).view(n, trees, leaf_width)
+        a = leaf_activations(z, act, leaf_linear).view(n, width)
+        term = torch.bmm(a.unsqueeze(1), w_out.index_select(0, rows).view(n, width, hidden)).squeeze(1)
         outs.append(term if y is None else y + term)
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
     return out if b_out is None else out + b_out
 
 
+def leaf_activations(z: torch.Tensor, act, leaf_linear: int) -> torch.Tensor:
+    """act(z) over a leaf's neurons (last dimension), except the last `leaf_linear`, which stay linear."""
+    if leaf_linear == 0:
+        return act(z)
+    gated = z.shape[-1] - leaf_linear
+    return torch.cat([act(z[..., :gated]), z[..., gated:]], -1)
+
+
 # --- backends -----------------------------------------------------------------------------------------
 
-def _native_f32(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out=None):
+def _native_f32(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out=None, leaf_linear=0):
     # The extension is loaded by _resolve; it checks shapes itself. Other dtypes use the reference.
     ext = native._ext
     if x.dtype is torch.float32 and ext is not None:
-        return ext.fff_forward(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out)
-    return fff_reference(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out)
+        return ext.fff_forward(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out, leaf_linear)
+    return fff_reference(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out, leaf_linear)
 
 
-def _triton_impl(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out=None):
+def _triton_impl(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out=None, leaf_linear=0):
     from ccli.kernels.fff_triton import fff_triton
 
-    _check_args(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out)
-    return fff_triton(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out)
+    _check_args(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out, leaf_linear)
+    return fff_triton(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out, leaf_linear)
 
 
 _backends = BackendSelector(
@@ -175,15 +189,15 @@ _resolve = _backends.resolve
 _lib = torch.library.Library("ccli", "FRAGMENT")
 _lib.define(
     "fff(Tensor x, Tensor w_in, Tensor b_in, Tensor w_out, int trees, int depth, int leaf_width, "
-    "str activation, Tensor? b_out=None) -> Tensor"
+    "str activation, Tensor? b_out=None, int leaf_linear=0) -> Tensor"
 )
 
 
-def _impl_python(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out=None):
+def _impl_python(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out=None, leaf_linear=0):
     """The op's Python kernel, for every device (CPU calls reach it only while the native extension's
     own C++ CPU kernel is not loaded or not selected)."""
     fn = _backends.implementation(x.device.type)
-    return fn(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out)
+    return fn(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out, leaf_linear)
 
 
 _lib.impl("fff", _impl_python, "CompositeExplicitAutograd")
@@ -191,8 +205,8 @@ native._python_kernel = _impl_python
 
 
 @torch.library.register_fake("ccli::fff")
-def _fff_fake(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out=None):
-    _check_args(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out)
+def _fff_fake(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out=None, leaf_linear=0):
+    _check_args(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out, leaf_linear)
     return x.new_empty(x.shape)
 
 
@@ -209,13 +223,15 @@ def fff(
     leaf_width: int,
     activation: str = "gelu",
     b_out: torch.Tensor | None = None,
+    leaf_linear: int = 0,
 ) -> torch.Tensor:
     """FFF forward for x of shape (..., H) through the `ccli::fff` op; returns (..., H). `b_out`, an
-    optional output bias (H,), is fused: each output row starts from it."""
+    optional output bias (H,), is fused: each output row starts from it. The last `leaf_linear`
+    neurons of every leaf are linear (no activation)."""
     if x.dim() == 2:
-        return _OP(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out)
+        return _OP(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out, leaf_linear)
     shape = x.shape
-    y = _OP(x.reshape(-1, shape[-1]), w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out)
+    y = _OP(x.reshape(-1, shape[-1]), w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out, leaf_linear)
     return y.view(shape)
 
 

@@ -3,7 +3,8 @@
 // Contract (see ccli/kernels/fff.py): K trees of depth D and leaf width W over hidden size H.
 // Per tree M = (2^D - 1) + 2^D * W neuron rows; tree k owns rows k*M ... k*M + M - 1 of w_in, b_in,
 // w_out (w_out row r is the output vector of neuron r). A token walks D internal nodes (routing
-// z >= 0 to the right child), then evaluates the W neurons of the leaf it reached.
+// z >= 0 to the right child), then evaluates the W neurons of the leaf it reached; the last
+// W - gated of them (`leaf_linear`) are linear: their pre-activation is used as is.
 //
 // Parallel over tokens with OpenMP (the same libgomp torch uses, so torch.set_num_threads applies);
 // the dot/axpy loops over H are written for the vectoriser (omp simd).
@@ -198,11 +199,19 @@ struct Problem {
   int64_t N, H, trees, depth, W;
   int64_t I;  // internal nodes per tree
   int64_t M;  // rows per tree
+  int64_t gated;  // leaf neurons 0 .. gated-1 take the activation, gated .. W-1 are linear
 };
 
-// `W` consecutive leaf neurons of one token, rows starting at row0.
+// The activation of leaf neuron q (its index inside the leaf).
 template <Act A>
-void leaf_rows(const Problem& p, const float* __restrict x, float* __restrict y, int64_t row0, int64_t W) {
+inline float leaf_act(const Problem& p, float z, int64_t q) {
+  return q < p.gated ? act<A>(z) : z;
+}
+
+// `W` consecutive leaf neurons of one token: leaf neurons first ... first+W-1, whose rows start at row0.
+template <Act A>
+void leaf_rows(const Problem& p, const float* __restrict x, float* __restrict y, int64_t row0, int64_t first,
+               int64_t W) {
   const int64_t H = p.H;
   int64_t j = 0;
   for (; j + 4 <= W; j += 4) {
@@ -210,21 +219,21 @@ void leaf_rows(const Problem& p, const float* __restrict x, float* __restrict y,
     float a[4];
     const float* wi = p.w_in + r * H;
     dot_rows4(x, wi, wi + H, wi + 2 * H, wi + 3 * H, H, a);
-    for (int q = 0; q < 4; ++q) a[q] = act<A>(a[q] + p.b_in[r + q]);
+    for (int q = 0; q < 4; ++q) a[q] = leaf_act<A>(p, a[q] + p.b_in[r + q], first + j + q);
     const float* wo = p.w_out + r * H;
     axpy_rows4(y, a, wo, wo + H, wo + 2 * H, wo + 3 * H, H);
   }
   for (; j < W; ++j) {
     const int64_t r = row0 + j;
     const float z = dot(x, p.w_in + r * H, H) + p.b_in[r];
-    axpy(y, act<A>(z), p.w_out + r * H, H);
+    axpy(y, leaf_act<A>(p, z, first + j), p.w_out + r * H, H);
   }
 }
 
 // The W leaf neurons of one token, leaf rows starting at row0.
 template <Act A>
 void leaf_token(const Problem& p, const float* __restrict x, float* __restrict y, int64_t row0) {
-  leaf_rows<A>(p, x, y, row0, p.W);
+  leaf_rows<A>(p, x, y, row0, 0, p.W);
 }
 
 // An output row starts as the output bias (or zeros); every visited neuron then adds to it.
@@ -245,7 +254,7 @@ void route_token(const Problem& p, int64_t n, int32_t* leaf_out) {
   const float* __restrict x = p.x + n * H;
   float* __restrict y = p.y + n * H;
   start_row(p, y);
-  const bool leaf_as_level = p.W == 1 && leaf_out == nullptr;
+  const bool leaf_as_level = p.W == 1 && p.gated == 1 && leaf_out == nullptr;
   for (int64_t k = 0; k < p.trees; ++k) {
     const int64_t base = k * p.M;
     int64_t node = 0;
@@ -279,7 +288,7 @@ void route_tokens4(const Problem& p, int64_t n0, int32_t* leaf_out) {
     ys[t] = p.y + (n0 + t) * H;
     start_row(p, ys[t]);
   }
-  const bool leaf_as_level = p.W == 1 && leaf_out == nullptr;
+  const bool leaf_as_level = p.W == 1 && p.gated == 1 && leaf_out == nullptr;
   for (int64_t k = 0; k < p.trees; ++k) {
     const int64_t base = k * p.M;
     int64_t node[4] = {0, 0, 0, 0};
@@ -342,7 +351,7 @@ void leaf_tokens4(const Problem& p, const int32_t* tok, int64_t row0, float* __r
     for (int t = 0; t < 4; ++t) z[t * W + r] = dot(xs[t], wi, H);
   }
   for (int t = 0; t < 4; ++t) {
-    for (int64_t q = 0; q < W; ++q) z[t * W + q] = act<A>(z[t * W + q] + p.b_in[row0 + q]);
+    for (int64_t q = 0; q < W; ++q) z[t * W + q] = leaf_act<A>(p, z[t * W + q] + p.b_in[row0 + q], q);
   }
   // y_t += sum_r z[t, r] * w_out[row0 + r]: 4 tokens x 16 columns accumulated in registers.
   int64_t i0 = 0;
@@ -389,15 +398,18 @@ void leaf_gemm(const Problem& p, const int32_t* tokens, int64_t count, int64_t r
   const at::Tensor index = at::from_blob(ids.data(), {count}, at::TensorOptions().dtype(at::kLong));
   const at::Tensor xs = at::index_select(view(p.x, {p.N, p.H}), 0, index);
   at::Tensor z = at::addmm(view(p.b_in + row0, {p.W}), xs, view(p.w_in + row0 * p.H, {p.W, p.H}).t());
-  // ATen's vectorised activations (the same functions as act<A>, which is scalar)
-  if constexpr (A == Act::Gelu) {
-    at::gelu_(z);
+  // ATen's vectorised activations (the same functions as act<A>, which is scalar), on the gated
+  // neurons only: the linear ones keep z.
+  at::Tensor gated = p.gated < p.W ? z.narrow(1, 0, p.gated) : z;
+  if (p.gated == 0) {
+  } else if constexpr (A == Act::Gelu) {
+    at::gelu_(gated);
   } else if constexpr (A == Act::GeluTanh) {
-    at::gelu_(z, "tanh");
+    at::gelu_(gated, "tanh");
   } else if constexpr (A == Act::Relu) {
-    at::relu_(z);
+    at::relu_(gated);
   } else {
-    at::silu_(z);
+    at::silu_(gated);
   }
   const at::Tensor out = at::mm(z, view(p.w_out + row0 * p.H, {p.W, p.H}));
   const float* op = out.const_data_ptr<float>();
@@ -431,7 +443,7 @@ void fff_all(const Problem& p) {
       for (int64_t n = 0; n < N; ++n) {
         for (int64_t k = 0; k < K; ++k) {
           const int64_t row0 = k * p.M + p.I + int64_t(leaf_of[n * K + k]) * p.W;
-          leaf_rows<A>(p, p.x + n * p.H, mine + n * p.H, row0 + j0, j1 - j0);
+          leaf_rows<A>(p, p.x + n * p.H, mine + n * p.H, row0 + j0, j0, j1 - j0);
         }
       }
 #pragma omp barrier
@@ -527,11 +539,13 @@ bool all_float_cpu(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor
 at::Tensor fff_forward_impl(const at::Tensor& x_, const at::Tensor& w_in_, const at::Tensor& b_in_,
                             const at::Tensor& w_out_, int64_t trees, int64_t depth,
                             int64_t leaf_width, std::string_view activation,
-                            const std::optional<at::Tensor>& b_out_) {
+                            const std::optional<at::Tensor>& b_out_, int64_t leaf_linear) {
   const Act a = parse_act(activation);
   TORCH_CHECK_VALUE(x_.dim() == 2, "fff: x must be 2-D (N, H), got ", x_.sizes());
   TORCH_CHECK_VALUE(trees >= 1 && depth >= 0 && depth <= 30 && leaf_width >= 1,
                     "fff: need trees >= 1, 0 <= depth <= 30, leaf_width >= 1");
+  TORCH_CHECK_VALUE(leaf_linear >= 0 && leaf_linear <= leaf_width, "fff: need 0 <= leaf_linear <= leaf_width (got ",
+                    leaf_linear, " of ", leaf_width, ")");
   const int64_t N = x_.size(0), H = x_.size(1);
   const int64_t M = ((int64_t(1) << depth) - 1) + (int64_t(1) << depth) * leaf_width;
   TORCH_CHECK_VALUE(w_in_.dim() == 2 && w_in_.size(0) == trees * M && w_in_.size(1) == H,
@@ -552,7 +566,7 @@ at::Tensor fff_forward_impl(const at::Tensor& x_, const at::Tensor& w_in_, const
   const Problem p{x.const_data_ptr<float>(), w_in.const_data_ptr<float>(), b_in.const_data_ptr<float>(),
                   w_out.const_data_ptr<float>(), has_b_out ? b_out.const_data_ptr<float>() : nullptr,
                   y.mutable_data_ptr<float>(),
-                  N, H, trees, depth, leaf_width, I, M};
+                  N, H, trees, depth, leaf_width, I, M, leaf_width - leaf_linear};
   auto run = [&] {
     switch (a) {
       case Act::Gelu: fff_all<Act::Gelu>(p); break;
@@ -580,15 +594,16 @@ pybind11::object* g_fallback = nullptr;  // intentionally leaked: must outlive i
 
 at::Tensor fff_cpu_kernel(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& b_in,
                           const at::Tensor& w_out, int64_t trees, int64_t depth, int64_t leaf_width,
-                          c10::string_view activation, const std::optional<at::Tensor>& b_out) {
+                          c10::string_view activation, const std::optional<at::Tensor>& b_out,
+                          int64_t leaf_linear) {
   if (g_native_enabled.load(std::memory_order_relaxed) && all_float_cpu(x, w_in, b_in, w_out, b_out)) {
     return fff_forward_impl(x, w_in, b_in, w_out, trees, depth, leaf_width,
-                            std::string_view(activation.data(), activation.size()), b_out);
+                            std::string_view(activation.data(), activation.size()), b_out, leaf_linear);
   }
   pybind11::gil_scoped_acquire gil;
   TORCH_CHECK(g_fallback != nullptr, "ccli::fff: the native CPU kernel is loaded but no fallback is set");
   pybind11::object out = (*g_fallback)(x, w_in, b_in, w_out, trees, depth, leaf_width,
-                                       std::string(activation.data(), activation.size()), b_out);
+                                       std::string(activation.data(), activation.size()), b_out, leaf_linear);
   return out.cast<at::Tensor>();
 }
 
@@ -605,8 +620,9 @@ void configure(bool native_enabled, pybind11::object fallback) {
 
 at::Tensor fff_forward(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& b_in,
                        const at::Tensor& w_out, int64_t trees, int64_t depth, int64_t leaf_width,
-                       const std::string& activation, const std::optional<at::Tensor>& b_out) {
-  return fff_forward_impl(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out);
+                       const std::string& activation, const std::optional<at::Tensor>& b_out,
+                       int64_t leaf_linear) {
+  return fff_forward_impl(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out, leaf_linear);
 }
 
 }  // namespace
@@ -620,7 +636,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fff_forward", &fff_forward, "FFF forward (float32, CPU); no dispatcher", pybind11::arg("x"),
         pybind11::arg("w_in"), pybind11::arg("b_in"), pybind11::arg("w_out"), pybind11::arg("trees"),
         pybind11::arg("depth"), pybind11::arg("leaf_width"), pybind11::arg("activation"),
-        pybind11::arg("b_out") = pybind11::none());
+        pybind11::arg("b_out") = pybind11::none(), pybind11::arg("leaf_linear") = 0);
   m.def("configure", &configure, pybind11::arg("native_enabled"), pybind11::arg("fallback") = pybind11::none(),
         "Enable/disable the dispatcher CPU kernel and set the Python fallback it calls when disabled");
   m.def("native_enabled", [] { return g_native_enabled.load(); });

@@ -2,7 +2,7 @@
 
 One program per token: it keeps the token's x and its output y in BLOCK_H-wide registers (masked, so
 any H works), walks the `depth` internal nodes of each tree one row at a time, then evaluates the
-reached leaf in tiles of BLOCK_W neurons. Weights are read in their stored dtype and accumulated in fp32.
+reached leaf in tiles of BLOCK_W neurons (the last LEAF_LINEAR of them skip the activation). Weights are read in their stored dtype and accumulated in fp32.
 
 How triton is imported and kernels built (and run on CPU tensors in the interpreter): see
 ccli.kernels.triton_support.
@@ -48,6 +48,7 @@ def _fff_kernel_src(
     TREES,
     DEPTH,
     LEAF_WIDTH,
+    LEAF_GATED,
     ROWS_PER_TREE,
     N_INTERNAL,
     ACT: tl.constexpr,  # noqa: F821
@@ -86,7 +87,7 @@ def _fff_kernel_src(
             wt = tl.load(w_in_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # noqa: F821
             bias = tl.load(b_in_ptr + rows, mask=mask_w, other=0.0).to(tl.float32)  # noqa: F821
             z = tl.sum(wt * x[None, :], axis=1) + bias  # noqa: F821
-            a = tl.where(mask_w, _act(z, ACT), 0.0)  # noqa: F821
+            a = tl.where(mask_w, tl.where(rw < LEAF_GATED, _act(z, ACT), z), 0.0)  # noqa: F821
             wo = tl.load(w_out_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # noqa: F821
             acc += tl.sum(a[:, None] * wo, axis=0)  # noqa: F821
     tl.store(y_ptr + pid * stride_y + offs_h, acc.to(y_ptr.dtype.element_ty), mask=mask_h)  # noqa: F821
@@ -105,6 +106,7 @@ def fff_triton(
     leaf_width: int,
     activation: str,
     b_out: torch.Tensor | None = None,
+    leaf_linear: int = 0,
 ) -> torch.Tensor:
     """FFF forward with the Triton kernel; x is (N, H). Arguments are validated by the caller."""
     require_triton()
@@ -139,6 +141,7 @@ def fff_triton(
         trees,
         depth,
         leaf_width,
+        leaf_width - leaf_linear,
         rows_per_tree,
         n_internal,
         ACT=activation,

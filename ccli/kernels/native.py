@@ -236,14 +236,14 @@ SOURCE = Path(__file__).with_name("fff_cpu.cpp")
 _python_kernel = None  # ccli.kernels.fff._impl_python, set when that module is imported
 
 
-def _dispatch_fallback(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out=None):
+def _dispatch_fallback(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out=None, leaf_linear=0):
     """Called by the FFF extension's dispatcher kernel for CPU calls it does not handle itself."""
     kernel = _python_kernel
     if kernel is None:
         from ccli.kernels import fff
 
         kernel = fff._impl_python
-    return kernel(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out)
+    return kernel(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out, leaf_linear)
 
 
 def _build():
@@ -308,9 +308,10 @@ def fff_native(
     leaf_width: int,
     activation: str,
     b_out: torch.Tensor | None = None,
+    leaf_linear: int = 0,
 ) -> torch.Tensor:
     """FFF forward with the native kernel (float32 CPU tensors; x is (N, H)). Raises if unavailable."""
     ext = load()
     if ext is None:
         raise RuntimeError(f"native FFF kernel unavailable: {FFF.failure}")
-    return ext.fff_forward(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out)
+    return ext.fff_forward(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out, leaf_linear)

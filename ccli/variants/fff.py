@@ -3,7 +3,10 @@
 A layer holds K trees of depth D. Each internal node is one neuron (input row, activation, output
 row) whose pre-activation sign routes the token to child 2n+1 (negative) or 2n+2 (zero or positive);
 every node on the path adds its output. A leaf holds W neurons (W = 1 is exactly UltraFastBERT:
-depth 11 visits 12 of 4095 neurons). The trees' outputs are summed, plus the dense FFN's output bias.
+depth 11 visits 12 of 4095 neurons). The last R of them (`leaf_linear`, default 0) may be linear
+neurons (no activation): together a rank-R linear map of the leaf's own, which stands in for what
+the dense neurons the leaf leaves out add on the tokens that reach it, at the cost of R neurons.
+The trees' outputs are summed, plus the dense FFN's output bias.
 
 Weights keep UltraFastBERT's layout: `linear_in` (K*M, H) with bias and `linear_out` (H, K*M)
 without bias, where M = 2^D - 1 + 2^D * W and node n of tree k is row k*M + n, so a published
@@ -21,9 +24,11 @@ Conversion from a dense FFN (`FFFVariant.init_from_dense`), in the spirit of MoE
    halves of similar activation patterns and fits a logistic router to that split (tokens then
    follow the fitted router, so each router learns what it will see at inference); node neurons
    start with zero output;
-3. each leaf keeps, with their exact dense weights, the W neurons that matter most to the tokens
+3. each leaf keeps, with their exact dense weights, the W - R neurons that matter most to the tokens
    arriving there (leaves may share neurons);
-4. the distillation engine then trains everything against the dense FFN's outputs.
+4. with R > 0, each leaf's linear neurons are fitted in closed form (reduced-rank least squares) to
+   what the tree still misses on the tokens arriving there;
+5. the distillation engine then trains everything against the dense FFN's outputs.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ import torch
 from torch import nn
 
 from ..errors import CcliError
-from ..kernels.fff import fff
+from ..kernels.fff import fff, leaf_activations
 from .base import DenseFFN, FFNVariant, apply_activation
 
 
@@ -63,13 +68,16 @@ class FFF(nn.Module):
     is_ccli_module = True
 
     def __init__(self, hidden_size: int, trees: int = 1, depth: int = 11, leaf_width: int = 1,
-                 activation: str = "gelu", output_bias: bool = True):
+                 activation: str = "gelu", output_bias: bool = True, leaf_linear: int = 0):
         super().__init__()
         if trees < 1 or depth < 0 or leaf_width < 1:
             raise CcliError(f"FFF needs trees >= 1, depth >= 0 and leaf width >= 1 (got {trees}, {depth}, {leaf_width})")
         if depth > 20:
             raise CcliError(f"FFF depth {depth} is too deep (2^{depth} leaves); use depth <= 20")
+        if not 0 <= leaf_linear <= leaf_width:
+            raise CcliError(f"FFF leaf-linear must be from 0 to the leaf width {leaf_width} (got {leaf_linear})")
         self.hidden_size, self.trees, self.depth, self.leaf_width = hidden_size, trees, depth, leaf_width
+        self.leaf_linear = leaf_linear
         self.activation = activation
         self.per_tree = neurons_per_tree(depth, leaf_width)
         self.linear_in = nn.Linear(hidden_size, trees * self.per_tree, bias=True)
@@ -87,7 +95,8 @@ class FFF(nn.Module):
         return self.trees * self.per_tree
 
     def extra_repr(self) -> str:
-        return (f"hidden={self.hidden_size}, trees={self.trees}, depth={self.depth}, leaf_width={self.leaf_width}, "
+        linear = f" ({self.leaf_linear} linear)" if self.leaf_linear else ""
+        return (f"hidden={self.hidden_size}, trees={self.trees}, depth={self.depth}, leaf_width={self.leaf_width}{linear}, "
                 f"activation={self.activation}, neurons/token={self.neurons_per_token} of {self.total_neurons}")
 
     @classmethod
@@ -111,10 +120,21 @@ class FFF(nn.Module):
         mask.scatter_(2, internal + leaf.unsqueeze(2) * w + torch.arange(w, device=z.device), 1.0)
         return mask.view(tokens, k * m)
 
+    def activations(self, z: torch.Tensor) -> torch.Tensor:
+        """The neurons' outputs from their pre-activations z (tokens, K*M): act(z), or z for linear neurons."""
+        if not self.leaf_linear:
+            return apply_activation(z, self.activation)
+        internal, w = 2**self.depth - 1, self.leaf_width
+        rows = z.view(len(z), self.trees, self.per_tree)
+        leaves = leaf_activations(rows[..., internal:].reshape(len(z), self.trees, -1, w),
+                                  lambda v: apply_activation(v, self.activation), self.leaf_linear)
+        nodes = apply_activation(rows[..., :internal], self.activation)
+        return torch.cat([nodes, leaves.flatten(2)], -1).view_as(z)
+
     def routed_activations(self, x2d: torch.Tensor) -> torch.Tensor:
-        """act(z) on the visited neurons, 0 elsewhere: (tokens, K*M). Dense cost; for training and stats."""
+        """Neuron outputs on the visited neurons, 0 elsewhere: (tokens, K*M). Dense cost; for training and stats."""
         z = self.linear_in(x2d)
-        return apply_activation(z, self.activation) * self.route_mask(z)
+        return self.activations(z) * self.route_mask(z)
 
     def neuron_counts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(computed, positive) neurons per token, measured from the actual routing."""
@@ -122,7 +142,7 @@ class FFF(nn.Module):
             x2d = x.reshape(-1, self.hidden_size)
             z = self.linear_in(x2d)
             mask = self.route_mask(z).bool()
-            positive = ((apply_activation(z, self.activation) > 0) & mask).sum(-1)
+            positive = ((self.activations(z) > 0) & mask).sum(-1)
             computed = mask.sum(-1)
         return computed, positive
 
@@ -169,7 +189,8 @@ class FFF(nn.Module):
             counts = torch.bincount(leaf, minlength=leaves).tolist()
             for j, members in enumerate(torch.split(torch.argsort(leaf), counts)):
                 if counts[j]:
-                    h = apply_activation(nn.functional.linear(x2d[members], leaf_w_in[j], leaf_b_in[j]), self.activation)
+                    z_leaf = nn.functional.linear(x2d[members], leaf_w_in[j], leaf_b_in[j])
+                    h = leaf_activations(z_leaf, lambda v: apply_activation(v, self.activation), self.leaf_linear)
                     y = y.index_add(0, members, nn.functional.linear(h, leaf_w_out[j]))
         return y
 
@@ -182,7 +203,7 @@ class FFF(nn.Module):
                 y = self._masked_training_output(x2d).view_as(x)
             return y if self.output_bias is None else y + self.output_bias
         w_in, b_in, w_out, b_out = self._kernel_weights()
-        return fff(x, w_in, b_in, w_out, self.trees, self.depth, self.leaf_width, self.activation, b_out)
+        return fff(x, w_in, b_in, w_out, self.trees, self.depth, self.leaf_width, self.activation, b_out, self.leaf_linear)
 
 
 # -- conversion from a dense FFN ------------------------------------------------------------------
@@ -269,25 +290,82 @@ def _neuron_groups(contribution: torch.Tensor, trees: int) -> list[torch.Tensor]
     return list(torch.tensor_split(order, trees))
 
 
+def _reduced_rank_fit(x: torch.Tensor, target: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The best rank-`rank` affine map from x (tokens, H) to target (tokens, H) in least squares
+    (ridge-regularised full fit, projected onto the top principal directions of its fitted values),
+    as `rank` linear neurons: input rows (rank, H), biases (rank,), output vectors (rank, H)."""
+    xb = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1).double()
+    gram = xb.T @ xb
+    ridge = 1e-4 * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype)
+    coef = torch.linalg.solve(gram + ridge, xb.T @ target.double())  # (H+1, H)
+    _, _, v = torch.linalg.svd(xb @ coef, full_matrices=False)
+    out = v[:rank]  # (rank, H) orthonormal output directions
+    if len(out) < rank:  # more neurons than directions: the rest start silent
+        out = torch.cat([out, out.new_zeros(rank - len(out), out.shape[1])])
+    inp = coef @ out.T  # (H+1, rank): z = [x, 1] . inp, y = z . out
+    # balance the two sides (same norm per neuron) so that gradient steps move both alike
+    scale = (inp.norm(dim=0) / out.norm(dim=1).clamp_min(1e-12)).clamp_min(1e-12).sqrt()
+    inp, out = inp / scale, out * scale.unsqueeze(1)
+    return inp[:-1].T.float(), inp[-1].float(), out.float()
+
+
+def _fit_leaf_linear(layer: FFF, dense: DenseFFN, x: torch.Tensor) -> None:
+    """Fit every leaf's linear neurons (the last `leaf_linear` of it) to what the layer still misses,
+    tree after tree, on the tokens of `x` that reach the leaf. A leaf that too few tokens reach to
+    fit an affine map is fitted on all tokens instead."""
+    k_trees, depth, w, rank = layer.trees, layer.depth, layer.leaf_width, layer.leaf_linear
+    internal, hidden = 2**depth - 1, layer.hidden_size
+    w_in = layer.linear_in.weight.data.view(k_trees, layer.per_tree, -1)
+    b_in = layer.linear_in.bias.data.view(k_trees, layer.per_tree)
+    w_out = layer.linear_out.weight.data.view(-1, k_trees, layer.per_tree)
+    linear_rows = internal + (torch.arange(2**depth).unsqueeze(1) * w + torch.arange(w - rank, w)).reshape(-1)
+    w_out[:, :, linear_rows] = 0.0  # silent while the rest of the layer is measured
+    with torch.no_grad():
+        missing = dense(x) - layer.eval()(x)
+        z_nodes = nn.functional.linear(x, w_in[:, :internal].reshape(-1, hidden), b_in[:, :internal].reshape(-1))
+        _, leaf = walk(z_nodes.view(len(x), k_trees, internal), depth)  # (tokens, K)
+        for k in range(k_trees):
+            fitted = torch.zeros_like(missing)
+            everyone = None  # this tree's fit on all tokens, made when a leaf needs it
+            for j in range(2**depth):
+                members = leaf[:, k] == j
+                rows = internal + j * w + torch.arange(w - rank, w)
+                if members.sum() >= 2 * hidden:
+                    fit = _reduced_rank_fit(x[members], missing[members], rank)
+                else:
+                    fit = everyone = everyone or _reduced_rank_fit(x, missing, rank)
+                w_in[k, rows], b_in[k, rows], w_out[:, k, rows] = fit[0], fit[1], fit[2].T
+                fitted[members] = (x[members] @ fit[0].T + fit[1]) @ fit[2]
+            missing -= fitted
+    layer._kernel_cache = None  # the weights changed through .data, which the kernel's cache cannot see
+
+
 class FFFVariant(FFNVariant):
     name = "fff"
 
-    def __init__(self, trees: int = 1, depth: int = 3, leaf_width: int = 1):
-        for key, value, low in (("trees", trees, 1), ("depth", depth, 0), ("leaf_width", leaf_width, 1)):
-            if not isinstance(value, int) or value < low:
+    def __init__(self, trees: int = 1, depth: int = 3, leaf_width: int = 1, leaf_linear: int = 0):
+        for key, value, low in (("trees", trees, 1), ("depth", depth, 0), ("leaf_width", leaf_width, 1),
+                                ("leaf_linear", leaf_linear, 0)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise CcliError(f"fff: {key.replace('_', '-')} must be an integer >= {low} (got {value!r})")
         if depth > 20:
             raise CcliError(f"fff: depth {depth} is too deep (2^{depth} leaves); use depth <= 20")
-        super().__init__(trees=trees, depth=depth, leaf_width=leaf_width)
+        if leaf_linear > leaf_width:
+            raise CcliError(f"fff: leaf-linear {leaf_linear} is more than the leaf width {leaf_width} (the linear "
+                            "neurons are part of each leaf)")
+        super().__init__(trees=trees, depth=depth, leaf_width=leaf_width, leaf_linear=leaf_linear)
 
     @classmethod
     def skeleton(cls, hidden_size: int, spec: dict) -> FFF:
-        return FFF(hidden_size, spec["trees"], spec["depth"], spec["leaf_width"], spec["activation"])
+        return FFF(hidden_size, spec["trees"], spec["depth"], spec["leaf_width"], spec["activation"],
+                   leaf_linear=spec.get("leaf_linear", 0))
 
     def init_from_dense(self, dense: DenseFFN, x: torch.Tensor, seed: int) -> FFF:
         trees, depth, leaf_width = self.params["trees"], self.params["depth"], self.params["leaf_width"]
+        linear = self.params["leaf_linear"]
+        gated = leaf_width - linear
         torch.manual_seed(seed)
-        layer = FFF(dense.hidden_size, trees, depth, leaf_width, dense.activation)
+        layer = FFF(dense.hidden_size, trees, depth, leaf_width, dense.activation, leaf_linear=linear)
         with torch.no_grad():
             # how much each dense neuron moves each token's output: |activation| x |output column|
             contribution = dense.activations(x).abs() * dense.w_out.norm(dim=0)
@@ -295,15 +373,19 @@ class FFFVariant(FFNVariant):
         w_in = layer.linear_in.weight.data.view(trees, layer.per_tree, -1)
         b_in = layer.linear_in.bias.data.view(trees, layer.per_tree)
         w_out = layer.linear_out.weight.data.view(-1, trees, layer.per_tree)
+        leaf_rows = torch.arange(2**depth * leaf_width).view(2**depth, leaf_width)
+        gated_rows = internal + leaf_rows[:, :gated].reshape(-1)
         for k, group in enumerate(_neuron_groups(contribution, trees)):
-            router_w, router_b, leaves = _grow_tree(x, contribution[:, group], depth, leaf_width)
-            chosen = group[leaves.reshape(-1)]  # dense neuron for every leaf slot of this tree
+            router_w, router_b, leaves = _grow_tree(x, contribution[:, group], depth, max(gated, 1))
+            chosen = group[leaves[:, :gated].reshape(-1)]  # dense neuron for every gated leaf slot of this tree
             w_in[k, :internal] = router_w
             b_in[k, :internal] = router_b
             w_out[:, k, :internal] = 0.0  # node neurons start silent; distillation gives them a voice
-            w_in[k, internal:] = dense.w_in[chosen]
-            b_in[k, internal:] = dense.b_in[chosen] if dense.b_in is not None else 0.0
-            w_out[:, k, internal:] = dense.w_out[:, chosen]
+            w_in[k, gated_rows] = dense.w_in[chosen]
+            b_in[k, gated_rows] = dense.b_in[chosen] if dense.b_in is not None else 0.0
+            w_out[:, k, gated_rows] = dense.w_out[:, chosen]
         if layer.output_bias is not None and dense.b_out is not None:
             layer.output_bias.data.copy_(dense.b_out)
+        if linear:
+            _fit_leaf_linear(layer, dense, x)
         return layer
