@@ -8,7 +8,7 @@ linear layers (ternary). Conversion runs in two stages, the same for every famil
    training batches, so the batches must come in random order (`data.training_text` shuffles the
    text). It computes the dense teacher's outputs on those inputs, builds the new module from the
    dense one (`unit.build`) and trains it to match (relative MSE). A progress checkpoint is written
-   after every unit.
+   after every unit, and every two minutes during stage 2.
 2. Optionally end to end: all converted modules are trained together so that the student's hidden
    states match the teacher's on the same text: the final ones (`e2e_target="last"`), or every
    block's output (`"all"`, the mean of the blocks' relative errors), which keeps each block close to
@@ -291,7 +291,11 @@ def distill(
                     state["reports"][unit.key] = unit_report
                     _atomic_save(state, checkpoint)
         if cfg.e2e_steps:
-            report.e2e_losses, report.e2e_kept = end_to_end(student, teacher, train_batches, cfg, progress)
+            saver = None
+            if checkpoint is not None:
+                state = state or {"key": run_key, "modules": {}, "specs": {}, "reports": {}}
+                saver = _E2ECheckpoint(state, checkpoint)
+            report.e2e_losses, report.e2e_kept = end_to_end(student, teacher, train_batches, cfg, progress, saver)
     for module in converted_modules(student):
         if hasattr(module, "finalize"):
             module.finalize()
@@ -338,10 +342,34 @@ def hidden_state_error(student_states: list[torch.Tensor], teacher_states: list[
     return sum(relative_error(s, t) for s, t in zip(student_states, teacher_states)) / len(student_states)
 
 
+class _E2ECheckpoint:
+    """End-to-end progress inside the run's progress checkpoint (next to the layer-wise modules, which
+    are the state to fall back on): the modules being trained, the optimiser, the schedule, the
+    batch sampler and the losses so far, saved every `E2E_CHECKPOINT_SECONDS`. A resumed run goes on
+    from the last save exactly as the uninterrupted run would have (bit for bit, with one thread)."""
+
+    def __init__(self, state: dict, path: Path):
+        self.state, self.path = state, path
+        self.last_save = time.monotonic()
+
+    def restored(self) -> dict | None:
+        return self.state.get("e2e")
+
+    def save_if_due(self, snapshot: Callable[[], dict], final: bool = False) -> None:
+        if final or time.monotonic() - self.last_save >= E2E_CHECKPOINT_SECONDS:
+            self.state["e2e"] = snapshot()
+            _atomic_save(self.state, self.path)
+            self.last_save = time.monotonic()
+
+
+E2E_CHECKPOINT_SECONDS = 120.0
+
+
 def end_to_end(student: nn.Module, teacher: nn.Module, batches: list[dict], cfg: DistillConfig,
-               progress: Progress) -> tuple[list[float], bool | None]:
+               progress: Progress, checkpoint: _E2ECheckpoint | None = None) -> tuple[list[float], bool | None]:
     """Train every converted module together so the student's hidden states (`cfg.e2e_target`) match the teacher's.
-    Returns the training losses and whether the result was kept (None: nothing to train)."""
+    Returns the training losses and whether the result was kept (None: nothing to train).
+    With `checkpoint`, progress is saved as it goes and a saved run is continued."""
     layers = converted_modules(student)
     params = [p for m in layers for p in m.parameters()]
     if not params:
@@ -357,7 +385,8 @@ def end_to_end(student: nn.Module, teacher: nn.Module, batches: list[dict], cfg:
     # that ends worse than it started is undone rather than silently kept.
     probe = [_pad([p[0] for p in chunk], [p[1] for p in chunk])
              for chunk in _chunks(random.Random(cfg.seed + 1).sample(pool, min(64, len(pool))), cfg.e2e_batch)]
-    probe_before = _probe_error(student, teacher, probe, cfg.e2e_target)
+    restored = checkpoint.restored() if checkpoint else None
+    probe_before = restored["probe_before"] if restored else _probe_error(student, teacher, probe, cfg.e2e_target)
     saved = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in layers]
     for m in layers:
         if hasattr(m, "prepare_for_end_to_end"):  # after the snapshot: undoing restores the layer-wise result exactly
@@ -365,10 +394,25 @@ def end_to_end(student: nn.Module, teacher: nn.Module, batches: list[dict], cfg:
         m.train()  # each family's training path (FFF: hard-routed masked; ternary: straight-through)
     optimizer = torch.optim.Adam(params, lr=cfg.e2e_lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.e2e_steps)
+    losses: list[float] = []
+    if restored:
+        for m, module_state in zip(layers, restored["modules"]):
+            m.load_state_dict(module_state)
+        optimizer.load_state_dict(restored["optimizer"])
+        schedule.load_state_dict(restored["schedule"])
+        generator.setstate(restored["sampler"])
+        losses = list(restored["losses"])
+        progress.log(f"end to end: restored from checkpoint at step {len(losses)} of {cfg.e2e_steps}")
+
+    def snapshot() -> dict:
+        return {"modules": [m.state_dict() for m in layers], "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict(), "sampler": generator.getstate(), "losses": list(losses),
+                "probe_before": probe_before}
+
     task = progress.task("end to end", cfg.e2e_steps)
+    progress.update(task, advance=len(losses))
     what = "hidden-state rel. error" if cfg.e2e_target == "last" else "mean block-output rel. error"
-    losses = []
-    for step in range(cfg.e2e_steps):
+    for step in range(len(losses), cfg.e2e_steps):
         picked = generator.sample(pool, min(cfg.e2e_batch, len(pool)))
         ids, mask = _pad([p[0] for p in picked], [p[1] for p in picked])
         kwargs = {"input_ids": ids, "attention_mask": mask}
@@ -381,6 +425,8 @@ def end_to_end(student: nn.Module, teacher: nn.Module, batches: list[dict], cfg:
         schedule.step()
         losses.append(loss.item())
         progress.update(task, info=f"{what} {loss.item():.4f}")
+        if checkpoint:
+            checkpoint.save_if_due(snapshot, final=step == cfg.e2e_steps - 1)
     for m in layers:
         m.eval()
     for p in student.parameters():

@@ -107,6 +107,39 @@ def test_resume_after_an_interruption_gives_the_same_model(tmp_path, monkeypatch
     assert straight["layers"][0]["final_rel_error"] > 0
 
 
+@pytest.mark.parametrize("family", [
+    dict(to="fff", params={"trees": 1, "depth": 1, "leaf_width": 64}),
+    # ternary: the restored latent weights must reach the packed weights the forward pass uses
+    dict(to="ternary", params={"targets": "ffn", "scale": "group", "group_size": 32}),
+], ids=["fff", "ternary"])
+def test_resume_inside_end_to_end_training_continues_where_it_stopped(tmp_path, monkeypatch, one_thread, family):
+    options = dict(BUDGET, **family, steps=3, e2e_steps=6, e2e_batch=4, layers=[0, 1], evaluate_fidelity=False)
+    straight = convert("minilm", out=str(tmp_path / "a"), **options)
+    monkeypatch.setattr(distill_module, "E2E_CHECKPOINT_SECONDS", 0.0)  # save after every step
+    original_error = distill_module.hidden_state_error
+    calls = {"n": 0}
+
+    def counted_error(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:  # call 1 scores the probe, calls 2-4 are steps 0-2: stop inside step 3
+            raise KeyboardInterrupt
+        return original_error(*args, **kwargs)
+
+    monkeypatch.setattr(distill_module, "hidden_state_error", counted_error)
+    with pytest.raises(KeyboardInterrupt):
+        convert("minilm", out=str(tmp_path / "b"), **options)
+    assert not (tmp_path / "b").exists()
+    calls["n"] = -100  # no more interruptions; count what the resumed run computes
+    resumed = convert("minilm", out=str(tmp_path / "b"), resume=True, **options)
+    assert calls["n"] + 100 == 3 + 1  # steps 3-5 and the final probe: nothing done twice
+    assert resumed["e2e_loss_first"] == straight["e2e_loss_first"] and resumed["e2e_loss_last"] == straight["e2e_loss_last"]
+    a, _ = ccli.load(str(tmp_path / "a"))
+    b, _ = ccli.load(str(tmp_path / "b"))
+    for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(pa, pb), name
+    assert not list(tmp_path.glob(".b.ccli-progress*"))  # the finished run leaves no progress behind
+
+
 def test_convert_cli_errors():
     runner = CliRunner()
     result = runner.invoke(app, ["convert", "--to", "fff", "--resume"])
