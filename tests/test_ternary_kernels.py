@@ -60,11 +60,19 @@ def oracle(x, t, scale, bias, group_size, act_bits):
     return y if bias is None else y + bias.double()
 
 
-@pytest.fixture(scope="module")
-def native_ext():
-    if T._native.load() is None:
+@pytest.fixture(scope="module", params=["default", "i2"])
+def native_ext(request):
+    """The native extension, once with its default int8 kernel (AVX-512 VNNI where the CPU has it) and
+    once with the AVX2 / scalar one ("i2"), so that a VNNI machine tests both."""
+    ext = T._native.load()
+    if ext is None:
         pytest.skip(f"native ternary kernel unavailable: {T._native.failure_reason()}")
-    return T._native.load()
+    default = ext.int8_kernels()[0]
+    if request.param == "i2" and default == "i2":
+        pytest.skip("this build has only the i2 int8 kernel, tested as the default")
+    ext.use_int8_kernel(default if request.param == "default" else request.param)
+    yield ext
+    ext.use_int8_kernel(default)
 
 
 @pytest.fixture(autouse=True)
@@ -187,6 +195,27 @@ def test_native_realistic_shapes(native_ext, n_tokens, in_features, out_features
                        T.ternary_int_matmul(q, packed, in_features, group_size))
     expected = T.ternary_linear_reference(x, packed, scale, bias, in_features, group_size, act_bits)
     assert_close(T.ternary_linear(x, packed, scale, bias, in_features, group_size, act_bits), expected)
+
+
+def test_int8_kernel_choice(native_ext):
+    kernels = native_ext.int8_kernels()
+    assert kernels[-1] == "i2" and set(kernels) <= {"vnni", "i2"}
+    assert native_ext.int8_kernel() in kernels
+    with pytest.raises(ValueError, match="not in this build"):
+        native_ext.use_int8_kernel("amx")
+
+
+@pytest.mark.parametrize("out_features", [1, 15, 16, 17, 33, 50])
+@pytest.mark.parametrize("group_size", [32, 64, 100])
+def test_native_rows_in_blocks_of_16(native_ext, out_features, group_size):
+    """The VNNI kernel puts 16 rows in a vector: row counts around a block, groups of one and more chunks."""
+    for n_tokens in (1, 4, 6):
+        x, packed, scale, bias, _ = make_case(n_tokens, 200, out_features, group_size, seed=out_features)
+        q, _ = T.quantize_activations(x)
+        assert torch.equal(T.ternary_int_matmul(q, packed, 200, group_size, backend="native"),
+                           T.ternary_int_matmul(q, packed, 200, group_size))
+        expected = T.ternary_linear_reference(x, packed, scale, bias, 200, group_size, 8)
+        assert_close(T.ternary_linear_native(x, packed, scale, bias, 200, group_size, 8), expected)
 
 
 def test_native_extreme_activations(native_ext):

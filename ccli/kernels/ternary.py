@@ -30,7 +30,8 @@ every backend (`ternary_int_matmul(..., backend=...)`); the float epilogue is co
 (per-group scale, sum over groups, times sx, plus bias) and agrees to float rounding.
 
 The native kernel reads the packed weights through a private re-laid-out copy (same size class: about
-2 bits per weight for act_bits=8, 2.7 for act_bits=16) that it builds on first use and caches per packed
+2 bits per weight for act_bits=8, 2.7 for act_bits=16; on CPUs with AVX-512 VNNI the int8 path uses a
+layout with 16 rows per vector and `vpdpbusd`, see ternary_cpu.cpp) that it builds on first use and caches per packed
 tensor; the copy is rebuilt when the tensor's version counter changes (any in-place write) and dropped
 once the tensor is freed. Tensors created under torch.inference_mode() have no version counter, so an
 in-place write to one of those is not noticed: replace it, or call `native.TERNARY.ext.clear_cache()`.

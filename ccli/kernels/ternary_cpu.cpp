@@ -25,6 +25,10 @@
 //    `_mm256_permutevar8x32_ps` then looks up eight rows' sums at a time (one lookup per sign), which
 //    are added to / subtracted from float accumulators (additions only, no multiplication by weights).
 //
+//  - int8 path on CPUs with AVX-512 VNNI ("V16", the default there): 16 rows in the lanes of a vector,
+//    `_mm512_dpbusd_epi32` straight into int32, and per-group scales applied vertically (see the
+//    section below). "i2" stays selectable (`use_int8_kernel`), so that such a machine tests both.
+//
 // Work is split into items of (token block x row block), run in parallel with OpenMP (the libgomp
 // torch uses, so torch.set_num_threads applies). Within an item, register tiles (int8: 4 tokens x 2 rows,
 // or 1 token x 8 rows; float: 4 tokens x 8 rows, or 1 token x 32 rows) reuse every decoded weight
@@ -45,6 +49,9 @@
 #if defined(__AVX2__) && !defined(CCLI_TERNARY_SCALAR)
 #include <immintrin.h>
 #define CCLI_TERNARY_AVX2 1
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__) && !defined(CCLI_TERNARY_NO_VNNI)
+#define CCLI_TERNARY_VNNI 1
+#endif
 #endif
 
 #include <algorithm>
@@ -55,6 +62,7 @@
 #include <memory>
 #include <mutex>
 #include <optional>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -77,6 +85,7 @@ struct Geometry {
   int64_t tcpg;       // float path: 3-weight triples per group
   int64_t tkc;        // float path: triples per row (G * tcpg)
   int64_t rblocks;    // float path: blocks of 8 rows
+  int64_t vblocks;    // int8 VNNI path: blocks of 16 rows
 
   Geometry(int64_t in_, int64_t gs_, int64_t out_) : in(in_), gs(gs_), out(out_) {
     G = (in + gs - 1) / gs;
@@ -87,11 +96,13 @@ struct Geometry {
     tcpg = (span + 2) / 3;
     tkc = G * tcpg;
     rblocks = (out + 7) / 8;
+    vblocks = (out + 15) / 16;
   }
   int64_t glen(int64_t g) const { return std::min(gs, in - g * gs); }
   int64_t qstride() const { return kc * 32; }
   int64_t block_bytes() const { return tkc * 8; }  // float path: bytes per block of 8 rows
   int64_t tstride() const { return tkc * 8; }      // float path: table floats per token
+  int64_t vblock_bytes() const { return kc * 128; }  // int8 VNNI path: bytes per block of 16 rows
 };
 
 inline int weight_of(const uint8_t* row, int64_t j) {
@@ -138,9 +149,30 @@ void build_p3(const uint8_t* packed, int64_t nb, const Geometry& geo, uint8_t* d
   });
 }
 
+void build_v16(const uint8_t* packed, int64_t nb, const Geometry& geo, uint8_t* dst) {
+  at::parallel_for(0, geo.vblocks, 4, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      uint8_t* blk = dst + b * geo.vblock_bytes();
+      std::memset(blk, 0, geo.vblock_bytes());
+      for (int64_t r = 0; r < 16 && 16 * b + r < geo.out; ++r) {
+        const uint8_t* src = packed + (16 * b + r) * nb;
+        for (int64_t g = 0; g < geo.G; ++g) {
+          const int64_t len = geo.glen(g);
+          for (int64_t p = 0; p < len; ++p) {
+            const int u = weight_of(src, g * geo.gs + p) + 1;
+            const int64_t c = g * geo.cpg + p / 32, k = p % 32;  // chunk, and offset in it
+            const int64_t half = k / 16, quad = (k % 16) / 4, j = k % 4;
+            blk[(c * 2 + half) * 64 + 4 * r + j] |= static_cast<uint8_t>(u << (2 * quad));
+          }
+        }
+      }
+    }
+  });
+}
+
 // ---- layout cache -------------------------------------------------------------------------------------
 
-enum class Layout { I2 = 0, P3 = 1 };
+enum class Layout { I2 = 0, P3 = 1, V16 = 2 };
 
 struct CacheEntry {
   c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> owner;
@@ -180,6 +212,9 @@ at::Tensor get_layout(const at::Tensor& packed, const Geometry& geo, Layout kind
   if (kind == Layout::I2) {
     bytes = at::empty({geo.out * geo.row_bytes}, src.options());
     build_i2(src.const_data_ptr<uint8_t>(), nb, geo, bytes.mutable_data_ptr<uint8_t>());
+  } else if (kind == Layout::V16) {
+    bytes = at::empty({geo.vblocks * geo.vblock_bytes()}, src.options());
+    build_v16(src.const_data_ptr<uint8_t>(), nb, geo, bytes.mutable_data_ptr<uint8_t>());
   } else {
     bytes = at::empty({geo.rblocks * geo.block_bytes()}, src.options());
     build_p3(src.const_data_ptr<uint8_t>(), nb, geo, bytes.mutable_data_ptr<uint8_t>());
@@ -454,6 +489,111 @@ void tile_i8(const I8Problem& p, int64_t n0, int64_t i0) {
 
 #endif
 
+// ---- the int8 path with AVX-512 VNNI: tiles of MR tokens x NB blocks of 16 rows ------------------------------
+//
+// The I2 path keeps input positions in the vector lanes, so every group ends in a horizontal sum per
+// (token, row); with small groups (32 weights: one chunk) that reduction and the call around it cost
+// more than the products. Here the 16 lanes are 16 rows: `_mm512_dpbusd_epi32(acc, u, a)` adds, for
+// each row, its 4 weights u = t + 1 times 4 activations broadcast to every lane, straight into int32.
+// A group ends with one subtract (sum(t*q) = sum(u*q) - sum(q)), convert and multiply-add by the 16
+// rows' scales, all vertical. Layout "V16": per block of 16 rows and chunk of 32 weights, two 64-byte
+// vectors (weights 0-15 and 16-31 of the chunk); byte 4r + j of a vector holds, at bits 2s..2s+1, u of
+// row r at offset 4s + j of its half: one shift and one mask decode 4 weights of each of the 16 rows.
+// 2 bits per weight, as I2. The integers are exactly I2's; the float epilogue is the same formula.
+
+struct V16Problem {
+  I8Problem p;           // w points at the V16 layout
+  const float* scale_t;  // (vblocks, G, 16): scale[16b + r, g] at (b * G + g) * 16 + r, 0 past the last row
+};
+
+#ifdef CCLI_TERNARY_VNNI
+
+template <int MR, int NB, int S>
+inline void v16_quad(const __m512i (&v)[NB], const int8_t* const (&Q)[MR], int64_t off, __m512i (&acc)[MR][NB]) {
+  const __m512i m3 = _mm512_set1_epi8(3);
+  __m512i u[NB];
+  for (int b = 0; b < NB; ++b) u[b] = _mm512_and_si512(S == 0 ? v[b] : _mm512_srli_epi16(v[b], 2 * S), m3);
+  for (int t = 0; t < MR; ++t) {
+    int32_t four;
+    std::memcpy(&four, Q[t] + off + 4 * S, 4);
+    const __m512i a = _mm512_set1_epi32(four);
+    for (int b = 0; b < NB; ++b) acc[t][b] = _mm512_dpbusd_epi32(acc[t][b], u[b], a);
+  }
+}
+
+inline __mmask16 rows_mask(int64_t rows_left) {
+  return rows_left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << rows_left) - 1);
+}
+
+template <int MR, int NB>
+void tile_v16(const V16Problem& vp, int64_t n0, int64_t b0) {
+  const I8Problem& p = vp.p;
+  const Geometry& geo = p.geo;
+  const int64_t G = geo.G;
+  const uint8_t* W[NB];
+  for (int b = 0; b < NB; ++b) W[b] = p.w + (b0 + b) * geo.vblock_bytes();
+  const int8_t* Q[MR];
+  for (int t = 0; t < MR; ++t) Q[t] = p.q + (n0 + t) * geo.qstride();
+  __m512 facc[MR][NB];
+  for (int t = 0; t < MR; ++t)
+    for (int b = 0; b < NB; ++b) facc[t][b] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m512i acc[MR][NB];
+    for (int t = 0; t < MR; ++t)
+      for (int b = 0; b < NB; ++b) acc[t][b] = _mm512_setzero_si512();
+    for (int64_t c = g * geo.cpg; c < (g + 1) * geo.cpg; ++c) {
+      for (int64_t half = 0; half < 2; ++half) {
+        __m512i v[NB];
+        for (int b = 0; b < NB; ++b) v[b] = _mm512_loadu_si512(W[b] + (c * 2 + half) * 64);
+        const int64_t off = c * 32 + half * 16;
+        v16_quad<MR, NB, 0>(v, Q, off, acc);
+        v16_quad<MR, NB, 1>(v, Q, off, acc);
+        v16_quad<MR, NB, 2>(v, Q, off, acc);
+        v16_quad<MR, NB, 3>(v, Q, off, acc);
+      }
+    }
+    for (int t = 0; t < MR; ++t) {
+      const __m512i qs = _mm512_set1_epi32(p.qsum[(n0 + t) * G + g]);
+      for (int b = 0; b < NB; ++b) {
+        const __m512i exact = _mm512_sub_epi32(acc[t][b], qs);
+        if (p.iout != nullptr) {
+          alignas(64) int32_t lanes[16];
+          _mm512_store_si512(lanes, exact);
+          const int64_t row0 = 16 * (b0 + b);
+          for (int64_t r = 0; r < 16 && row0 + r < geo.out; ++r) p.iout[((n0 + t) * geo.out + row0 + r) * G + g] = lanes[r];
+        } else {
+          const __m512 sc = _mm512_loadu_ps(vp.scale_t + ((b0 + b) * G + g) * 16);
+          facc[t][b] = _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(exact), facc[t][b]);
+        }
+      }
+    }
+  }
+  if (p.iout != nullptr) return;
+  for (int t = 0; t < MR; ++t) {
+    const __m512 sx = _mm512_set1_ps(p.sx[n0 + t]);
+    float* yrow = p.y + (n0 + t) * geo.out;
+    for (int b = 0; b < NB; ++b) {
+      const int64_t row0 = 16 * (b0 + b);
+      const __mmask16 m = rows_mask(geo.out - row0);
+      __m512 v = _mm512_mul_ps(sx, facc[t][b]);
+      if (p.bias != nullptr) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, p.bias + row0));
+      _mm512_mask_storeu_ps(yrow + row0, m, v);
+    }
+  }
+}
+
+#endif  // CCLI_TERNARY_VNNI
+
+// Which int8 kernel runs: the VNNI one where the CPU has it, unless a test asks for I2.
+enum class Int8Kernel { I2 = 0, V16 = 1 };
+#ifdef CCLI_TERNARY_VNNI
+std::atomic<int> g_int8_kernel{static_cast<int>(Int8Kernel::V16)};
+#else
+std::atomic<int> g_int8_kernel{static_cast<int>(Int8Kernel::I2)};
+#endif
+
+bool use_v16() { return g_int8_kernel.load(std::memory_order_relaxed) == static_cast<int>(Int8Kernel::V16); }
+
 // ---- the float path (act_bits = 16) ---------------------------------------------------------------------
 // Per token and triple c of (per group zero padded) activations x0, x1, x2, a table of the 8 subset sums
 // T[c][m] = sum of x_k over the bits k of m. A weight byte of row l holds the subset of +1 weights in
@@ -664,6 +804,7 @@ struct Scratch {
   std::vector<int32_t> qsum;
   std::vector<float> sx;
   std::vector<float> tab;
+  std::vector<float> scale_t;
 };
 thread_local Scratch t_scratch;
 
@@ -683,8 +824,27 @@ void trim(std::vector<T>& v) {
 
 void trim_scratch() {
   Scratch& s = t_scratch;
-  trim(s.q), trim(s.qsum), trim(s.sx), trim(s.tab);
+  trim(s.q), trim(s.qsum), trim(s.sx), trim(s.tab), trim(s.scale_t);
 }
+
+#ifdef CCLI_TERNARY_VNNI
+// The scales of every block of 16 rows, group by group, as V16Problem::scale_t.
+void transpose_scales(const float* scale, const Geometry& geo, float* scale_t) {
+  for (int64_t b = 0; b < geo.vblocks; ++b)
+    for (int64_t g = 0; g < geo.G; ++g)
+      for (int64_t r = 0; r < 16; ++r) {
+        const int64_t row = 16 * b + r;
+        scale_t[(b * geo.G + g) * 16 + r] = row < geo.out ? scale[row * geo.G + g] : 0.0f;
+      }
+}
+
+template <typename Prepare>
+void run_v16(const V16Problem& vp, int64_t work, Prepare&& prepare) {
+  run_all<4, 2>(vp.p.N, vp.p.geo.vblocks, 4, work, prepare, [&](auto MR, auto NB, int64_t n0, int64_t b0) {
+    tile_v16<decltype(MR)::value, decltype(NB)::value>(vp, n0, b0);
+  });
+}
+#endif
 
 // ---- entry points ------------------------------------------------------------------------------------------
 
@@ -734,6 +894,25 @@ at::Tensor ternary_linear_impl(const at::Tensor& x_, const at::Tensor& packed, c
   const float* xp = x.const_data_ptr<float>();
   const float* bp = has_bias ? bias.const_data_ptr<float>() : nullptr;
   const int64_t work = N * out * in;
+#ifdef CCLI_TERNARY_VNNI
+  if (act_bits == 8 && use_v16()) {
+    const at::Tensor layout = get_layout(packed, geo, Layout::V16);
+    without_gil([&] {
+      Scratch& s = t_scratch;
+      int8_t* q = grow(s.q, N * geo.qstride());
+      int32_t* qsum = grow(s.qsum, N * geo.G);
+      float* sx = grow(s.sx, N);
+      float* scale_t = grow(s.scale_t, geo.vblocks * geo.G * 16);
+      transpose_scales(scale.const_data_ptr<float>(), geo, scale_t);
+      const V16Problem vp{I8Problem{layout.const_data_ptr<uint8_t>(), q, qsum, sx, scale.const_data_ptr<float>(), bp,
+                                    y.mutable_data_ptr<float>(), nullptr, N, geo},
+                          scale_t};
+      run_v16(vp, work, [&](int64_t n) { quantize_token_padded(xp + n * in, geo, q + n * geo.qstride(), qsum + n * geo.G, sx + n); });
+    });
+    trim_scratch();
+    return y;
+  }
+#endif
   if (act_bits == 8) {
     const at::Tensor layout = get_layout(packed, geo, Layout::I2);
     without_gil([&] {
@@ -771,8 +950,22 @@ at::Tensor ternary_int_matmul(const at::Tensor& q_, const at::Tensor& packed, in
   const Geometry geo(in, gs, out);
   at::Tensor acc = at::empty({N, out, geo.G}, q.options().dtype(at::kInt));
   if (N == 0 || out == 0) return acc;
-  const at::Tensor layout = get_layout(packed, geo, Layout::I2);
   const int8_t* qp = q.const_data_ptr<int8_t>();
+#ifdef CCLI_TERNARY_VNNI
+  if (use_v16()) {
+    const at::Tensor layout = get_layout(packed, geo, Layout::V16);
+    without_gil([&] {
+      std::vector<int8_t> qbuf(N * geo.qstride());
+      std::vector<int32_t> qsum(N * geo.G);
+      const V16Problem vp{I8Problem{layout.const_data_ptr<uint8_t>(), qbuf.data(), qsum.data(), nullptr, nullptr, nullptr,
+                                    nullptr, acc.mutable_data_ptr<int32_t>(), N, geo},
+                          nullptr};
+      run_v16(vp, N * out * in, [&](int64_t n) { copy_token_padded(qp + n * in, geo, qbuf.data() + n * geo.qstride(), qsum.data() + n * geo.G); });
+    });
+    return acc;
+  }
+#endif
+  const at::Tensor layout = get_layout(packed, geo, Layout::I2);
   without_gil([&] {
     std::vector<int8_t> qbuf(N * geo.qstride());
     std::vector<int32_t> qsum(N * geo.G);
@@ -850,6 +1043,24 @@ at::Tensor ternary_linear_py(const at::Tensor& x, const at::Tensor& packed, cons
   return ternary_linear_impl(x, packed, scale, bias, in, gs, act_bits);
 }
 
+std::vector<std::string> int8_kernels() {
+#ifdef CCLI_TERNARY_VNNI
+  return {"vnni", "i2"};
+#else
+  return {"i2"};
+#endif
+}
+
+// The int8 kernel later calls use: "vnni" (the default where compiled) or "i2" (AVX2 / scalar).
+void use_int8_kernel(const std::string& name) {
+  const std::vector<std::string> names = int8_kernels();
+  TORCH_CHECK_VALUE(std::find(names.begin(), names.end(), name) != names.end(), "ternary: int8 kernel '", name,
+                    "' is not in this build (it has: ", names.size() > 1 ? "vnni, i2" : "i2", ")");
+  g_int8_kernel.store(static_cast<int>(name == "vnni" ? Int8Kernel::V16 : Int8Kernel::I2), std::memory_order_relaxed);
+}
+
+std::string int8_kernel() { return use_v16() ? "vnni" : "i2"; }
+
 int64_t cache_size() {
   std::lock_guard<std::mutex> lock(g_cache_mutex);
   return static_cast<int64_t>(g_cache.size());
@@ -876,9 +1087,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("configure", &configure, pybind11::arg("native_enabled"), pybind11::arg("fallback") = pybind11::none(),
         "Enable/disable the dispatcher CPU kernel and set the Python fallback it calls when disabled");
   m.def("native_enabled", [] { return g_native_enabled.load(); });
+  m.def("int8_kernels", &int8_kernels, "the int8-activation kernels this build has, default first");
+  m.def("use_int8_kernel", &use_int8_kernel, pybind11::arg("name"), "choose the int8-activation kernel (for tests)");
+  m.def("int8_kernel", &int8_kernel, "the int8-activation kernel in use");
   m.def("cache_size", &cache_size, "number of cached private weight layouts");
   m.def("clear_cache", &clear_cache, "drop the cached private weight layouts");
-#ifdef CCLI_TERNARY_AVX2
+#if defined(CCLI_TERNARY_VNNI)
+  m.attr("simd") = "avx512-vnni";
+#elif defined(CCLI_TERNARY_AVX2)
   m.attr("simd") = "avx2";
 #else
   m.attr("simd") = "scalar";
