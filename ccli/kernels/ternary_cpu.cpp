@@ -110,63 +110,58 @@ inline int weight_of(const uint8_t* row, int64_t j) {
   return code == 1 ? 1 : code == 2 ? -1 : 0;
 }
 
+// Calls place(g, p, w) for every weight w in {-1, 0, 1} of one packed row: group g, position p in it.
+template <typename Place>
+void for_each_weight(const uint8_t* src, const Geometry& geo, Place&& place) {
+  for (int64_t g = 0; g < geo.G; ++g) {
+    const int64_t len = geo.glen(g);
+    for (int64_t p = 0; p < len; ++p) place(g, p, weight_of(src, g * geo.gs + p));
+  }
+}
+
 void build_i2(const uint8_t* packed, int64_t nb, const Geometry& geo, uint8_t* dst) {
   at::parallel_for(0, geo.out, 64, [&](int64_t r0, int64_t r1) {
     for (int64_t i = r0; i < r1; ++i) {
-      const uint8_t* src = packed + i * nb;
       uint8_t* row = dst + i * geo.row_bytes;
       std::memset(row, 0, geo.row_bytes);
-      for (int64_t g = 0; g < geo.G; ++g) {
-        const int64_t len = geo.glen(g);
-        for (int64_t p = 0; p < len; ++p) {
-          const int u = weight_of(src, g * geo.gs + p) + 1;
-          const int64_t c = g * geo.cpg + p / 32;
-          row[(c >> 2) * 32 + (p & 31)] |= static_cast<uint8_t>(u << (2 * (c & 3)));
-        }
+      for_each_weight(packed + i * nb, geo, [&](int64_t g, int64_t p, int w) {
+        const int64_t c = g * geo.cpg + p / 32;
+        row[(c >> 2) * 32 + (p & 31)] |= static_cast<uint8_t>((w + 1) << (2 * (c & 3)));
+      });
+    }
+  });
+}
+
+// A layout of blocks of `rows` rows, `block_bytes` each: zeroes every block, then calls
+// place(block, l, g, p, w) for every weight w of its row l (group g, position p in it).
+template <typename Place>
+void build_row_blocks(const uint8_t* packed, int64_t nb, const Geometry& geo, int64_t rows, int64_t block_bytes,
+                      uint8_t* dst, Place&& place) {
+  const int64_t blocks = (geo.out + rows - 1) / rows;
+  at::parallel_for(0, blocks, 4, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      uint8_t* blk = dst + b * block_bytes;
+      std::memset(blk, 0, block_bytes);
+      for (int64_t l = 0; l < rows && rows * b + l < geo.out; ++l) {
+        for_each_weight(packed + (rows * b + l) * nb, geo, [&](int64_t g, int64_t p, int w) { place(blk, l, g, p, w); });
       }
     }
   });
 }
 
 void build_p3(const uint8_t* packed, int64_t nb, const Geometry& geo, uint8_t* dst) {
-  at::parallel_for(0, geo.rblocks, 8, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      uint8_t* blk = dst + b * geo.block_bytes();
-      std::memset(blk, 0, geo.block_bytes());
-      for (int64_t l = 0; l < 8 && 8 * b + l < geo.out; ++l) {
-        const uint8_t* src = packed + (8 * b + l) * nb;
-        for (int64_t g = 0; g < geo.G; ++g) {
-          const int64_t len = geo.glen(g);
-          for (int64_t p = 0; p < len; ++p) {
-            const int w = weight_of(src, g * geo.gs + p);
-            if (w == 0) continue;
-            const int64_t c = g * geo.tcpg + p / 3;
-            blk[c * 8 + l] |= static_cast<uint8_t>((w > 0 ? 1u : 8u) << (p % 3));
-          }
-        }
-      }
-    }
+  build_row_blocks(packed, nb, geo, 8, geo.block_bytes(), dst, [&](uint8_t* blk, int64_t l, int64_t g, int64_t p, int w) {
+    if (w == 0) return;
+    const int64_t c = g * geo.tcpg + p / 3;
+    blk[c * 8 + l] |= static_cast<uint8_t>((w > 0 ? 1u : 8u) << (p % 3));
   });
 }
 
 void build_v16(const uint8_t* packed, int64_t nb, const Geometry& geo, uint8_t* dst) {
-  at::parallel_for(0, geo.vblocks, 4, [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      uint8_t* blk = dst + b * geo.vblock_bytes();
-      std::memset(blk, 0, geo.vblock_bytes());
-      for (int64_t r = 0; r < 16 && 16 * b + r < geo.out; ++r) {
-        const uint8_t* src = packed + (16 * b + r) * nb;
-        for (int64_t g = 0; g < geo.G; ++g) {
-          const int64_t len = geo.glen(g);
-          for (int64_t p = 0; p < len; ++p) {
-            const int u = weight_of(src, g * geo.gs + p) + 1;
-            const int64_t c = g * geo.cpg + p / 32, k = p % 32;  // chunk, and offset in it
-            const int64_t half = k / 16, quad = (k % 16) / 4, j = k % 4;
-            blk[(c * 2 + half) * 64 + 4 * r + j] |= static_cast<uint8_t>(u << (2 * quad));
-          }
-        }
-      }
-    }
+  build_row_blocks(packed, nb, geo, 16, geo.vblock_bytes(), dst, [&](uint8_t* blk, int64_t r, int64_t g, int64_t p, int w) {
+    const int64_t c = g * geo.cpg + p / 32, k = p % 32;  // chunk, and offset in it
+    const int64_t half = k / 16, quad = (k % 16) / 4, j = k % 4;
+    blk[(c * 2 + half) * 64 + 4 * r + j] |= static_cast<uint8_t>((w + 1) << (2 * quad));
   });
 }
 
