@@ -253,6 +253,8 @@ def distill(
     report = DistillReport()
     specs: dict[str, dict] = {}
     state = _load_progress(checkpoint, run_key) if resume else None
+    if state is None and checkpoint is not None:
+        state = {"key": run_key, "modules": {}, "specs": {}, "reports": {}}
     start = time.perf_counter()
     with progress:
         for block in blocks:
@@ -285,16 +287,12 @@ def distill(
                 progress.log(f"{_unit_name(unit)}: relative error {before:.4f} after init -> {after:.4f} after "
                              f"{cfg.steps} steps ({unit_report.seconds:.1f}s, {x.shape[0]} tokens)")
                 if checkpoint is not None:
-                    state = state or {"key": run_key, "modules": {}, "specs": {}, "reports": {}}
                     state["modules"][unit.key] = module.state_dict()
                     state["specs"][unit.key] = unit.spec
                     state["reports"][unit.key] = unit_report
                     _atomic_save(state, checkpoint)
         if cfg.e2e_steps:
-            saver = None
-            if checkpoint is not None:
-                state = state or {"key": run_key, "modules": {}, "specs": {}, "reports": {}}
-                saver = _E2ECheckpoint(state, checkpoint)
+            saver = _E2ECheckpoint(state, checkpoint) if checkpoint is not None else None
             report.e2e_losses, report.e2e_kept = end_to_end(student, teacher, train_batches, cfg, progress, saver)
     for module in converted_modules(student):
         if hasattr(module, "finalize"):
