@@ -247,7 +247,8 @@ def test_native_thread_counts(native_ext, threads):
 
 
 def test_native_layout_cache_follows_the_weights(native_ext):
-    """The private weight layout is rebuilt when the packed tensor changes in place or is replaced."""
+    """The private weight layout is rebuilt when the packed tensor (or the scale tensor) changes in place
+    or is replaced."""
     x, packed, scale, bias, _ = make_case(4, 70, 12, 70, seed=1)
     _, packed2, *_ = make_case(4, 70, 12, 70, seed=2)
     with T.use_backend("native"):
@@ -263,11 +264,16 @@ def test_native_layout_cache_follows_the_weights(native_ext):
                 buf[:, :3] = packed[:, :3]  # a partial in-place write under no_grad
             assert_close(T.ternary_linear(x, buf, scale, bias, 70, 70, act_bits),
                          T.ternary_linear_reference(x, buf.clone(), scale, bias, 70, 70, act_bits))
+            scale2 = scale.clone()  # the scales are cached too (the VNNI kernel's copy of them)
+            T.ternary_linear(x, packed, scale2, bias, 70, 70, act_bits)
+            scale2.mul_(1.5)
+            assert_close(T.ternary_linear(x, packed, scale2, bias, 70, 70, act_bits),
+                         T.ternary_linear_reference(x, packed, scale2, bias, 70, 70, act_bits))
         with torch.inference_mode():  # inference tensors have no version counter
             inf = packed2.clone()
             assert_close(T.ternary_linear(x, inf, scale, bias, 70, 70, 8),
                          T.ternary_linear_reference(x, packed2, scale, bias, 70, 70, 8))
-    del buf, inf
+    del buf, inf, scale2
     native_ext.clear_cache()
     assert native_ext.cache_size() == 0
 

@@ -31,9 +31,10 @@ every backend (`ternary_int_matmul(..., backend=...)`); the float epilogue is co
 
 The native kernel reads the packed weights through a private re-laid-out copy (same size class: about
 2 bits per weight for act_bits=8, 2.7 for act_bits=16; on CPUs with AVX-512 VNNI the int8 path uses a
-layout with 16 rows per vector and `vpdpbusd`, see ternary_cpu.cpp) that it builds on first use and caches per packed
-tensor; the copy is rebuilt when the tensor's version counter changes (any in-place write) and dropped
-once the tensor is freed. Tensors created under torch.inference_mode() have no version counter, so an
+layout with 16 rows per vector and `vpdpbusd`, and a re-laid-out copy of the scales too, see
+ternary_cpu.cpp) that it builds on first use and caches per packed (or scale) tensor; the copy is
+rebuilt when the tensor's version counter changes (any in-place write) and dropped once the tensor is
+freed. Tensors created under torch.inference_mode() have no version counter, so an
 in-place write to one of those is not noticed: replace it, or call `native.TERNARY.ext.clear_cache()`.
 Once the extension has loaded, CPU float32 calls go from the dispatcher straight to C++ (activation
 quantisation included), as for ccli::fff.

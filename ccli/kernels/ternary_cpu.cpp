@@ -165,9 +165,22 @@ void build_v16(const uint8_t* packed, int64_t nb, const Geometry& geo, uint8_t* 
   });
 }
 
+// The scales (out, G) as the V16 kernel reads them: (vblocks, G, 16), scale[16b + r, g] at
+// (b * G + g) * 16 + r, 0 past the last row.
+void build_scales_v16(const float* scale, const Geometry& geo, float* dst) {
+  for (int64_t b = 0; b < geo.vblocks; ++b)
+    for (int64_t g = 0; g < geo.G; ++g)
+      for (int64_t r = 0; r < 16; ++r) {
+        const int64_t row = 16 * b + r;
+        dst[(b * geo.G + g) * 16 + r] = row < geo.out ? scale[row * geo.G + g] : 0.0f;
+      }
+}
+
 // ---- layout cache -------------------------------------------------------------------------------------
 
-enum class Layout { I2 = 0, P3 = 1, V16 = 2 };
+// What get_layout builds: a weight layout from the packed weights, or (ScalesV16) the V16 kernel's
+// copy of the scales from the scale tensor, cached like the weights so that no call redoes it.
+enum class Layout { I2 = 0, P3 = 1, V16 = 2, ScalesV16 = 3 };
 
 struct CacheEntry {
   c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> owner;
@@ -183,6 +196,7 @@ std::vector<CacheEntry> g_cache;
 
 int64_t version_of(const at::Tensor& t) { return t.is_inference() ? -1 : t._version(); }
 
+// The cached `kind` layout of `packed`: the packed weights, or the scale tensor for ScalesV16.
 at::Tensor get_layout(const at::Tensor& packed, const Geometry& geo, Layout kind) {
   const c10::TensorImpl* impl = packed.unsafeGetTensorImpl();
   const void* data = packed.data_ptr();
@@ -210,6 +224,9 @@ at::Tensor get_layout(const at::Tensor& packed, const Geometry& geo, Layout kind
   } else if (kind == Layout::V16) {
     bytes = at::empty({geo.vblocks * geo.vblock_bytes()}, src.options());
     build_v16(src.const_data_ptr<uint8_t>(), nb, geo, bytes.mutable_data_ptr<uint8_t>());
+  } else if (kind == Layout::ScalesV16) {
+    bytes = at::empty({geo.vblocks * geo.G * 16}, src.options());
+    build_scales_v16(src.const_data_ptr<float>(), geo, bytes.mutable_data_ptr<float>());
   } else {
     bytes = at::empty({geo.rblocks * geo.block_bytes()}, src.options());
     build_p3(src.const_data_ptr<uint8_t>(), nb, geo, bytes.mutable_data_ptr<uint8_t>());
@@ -313,7 +330,7 @@ struct I8Problem {
   const int8_t* q;      // padded activations, qstride per token
   const int32_t* qsum;  // (N, G)
   const float* sx;      // (N)
-  const float* scale;   // (out, G)
+  const float* scale;   // (out, G); for the V16 kernel, its ScalesV16 copy
   const float* bias;    // (out) or null
   float* y;             // (N, out), or null with iout
   int32_t* iout;        // (N, out, G) for ternary_int_matmul
@@ -496,11 +513,6 @@ void tile_i8(const I8Problem& p, int64_t n0, int64_t i0) {
 // row r at offset 4s + j of its half: one shift and one mask decode 4 weights of each of the 16 rows.
 // 2 bits per weight, as I2. The integers are exactly I2's; the float epilogue is the same formula.
 
-struct V16Problem {
-  I8Problem p;           // w points at the V16 layout
-  const float* scale_t;  // (vblocks, G, 16): scale[16b + r, g] at (b * G + g) * 16 + r, 0 past the last row
-};
-
 #ifdef CCLI_TERNARY_VNNI
 
 template <int MR, int NB, int S>
@@ -521,8 +533,7 @@ inline __mmask16 rows_mask(int64_t rows_left) {
 }
 
 template <int MR, int NB>
-void tile_v16(const V16Problem& vp, int64_t n0, int64_t b0) {
-  const I8Problem& p = vp.p;
+void tile_v16(const I8Problem& p, int64_t n0, int64_t b0) {
   const Geometry& geo = p.geo;
   const int64_t G = geo.G;
   const uint8_t* W[NB];
@@ -557,7 +568,7 @@ void tile_v16(const V16Problem& vp, int64_t n0, int64_t b0) {
           const int64_t row0 = 16 * (b0 + b);
           for (int64_t r = 0; r < 16 && row0 + r < geo.out; ++r) p.iout[((n0 + t) * geo.out + row0 + r) * G + g] = lanes[r];
         } else {
-          const __m512 sc = _mm512_loadu_ps(vp.scale_t + ((b0 + b) * G + g) * 16);
+          const __m512 sc = _mm512_loadu_ps(p.scale + ((b0 + b) * G + g) * 16);
           facc[t][b] = _mm512_fmadd_ps(sc, _mm512_cvtepi32_ps(exact), facc[t][b]);
         }
       }
@@ -580,14 +591,11 @@ void tile_v16(const V16Problem& vp, int64_t n0, int64_t b0) {
 #endif  // CCLI_TERNARY_VNNI
 
 // Which int8 kernel runs: the VNNI one where the CPU has it, unless a test asks for I2.
-enum class Int8Kernel { I2 = 0, V16 = 1 };
 #ifdef CCLI_TERNARY_VNNI
-std::atomic<int> g_int8_kernel{static_cast<int>(Int8Kernel::V16)};
+std::atomic<bool> g_use_v16{true};
 #else
-std::atomic<int> g_int8_kernel{static_cast<int>(Int8Kernel::I2)};
+std::atomic<bool> g_use_v16{false};
 #endif
-
-bool use_v16() { return g_int8_kernel.load(std::memory_order_relaxed) == static_cast<int>(Int8Kernel::V16); }
 
 // ---- the float path (act_bits = 16) ---------------------------------------------------------------------
 // Per token and triple c of (per group zero padded) activations x0, x1, x2, a table of the 8 subset sums
@@ -799,7 +807,6 @@ struct Scratch {
   std::vector<int32_t> qsum;
   std::vector<float> sx;
   std::vector<float> tab;
-  std::vector<float> scale_t;
 };
 thread_local Scratch t_scratch;
 
@@ -819,27 +826,26 @@ void trim(std::vector<T>& v) {
 
 void trim_scratch() {
   Scratch& s = t_scratch;
-  trim(s.q), trim(s.qsum), trim(s.sx), trim(s.tab), trim(s.scale_t);
+  trim(s.q), trim(s.qsum), trim(s.sx), trim(s.tab);
 }
 
-#ifdef CCLI_TERNARY_VNNI
-// The scales of every block of 16 rows, group by group, as V16Problem::scale_t.
-void transpose_scales(const float* scale, const Geometry& geo, float* scale_t) {
-  for (int64_t b = 0; b < geo.vblocks; ++b)
-    for (int64_t g = 0; g < geo.G; ++g)
-      for (int64_t r = 0; r < 16; ++r) {
-        const int64_t row = 16 * b + r;
-        scale_t[(b * geo.G + g) * 16 + r] = row < geo.out ? scale[row * geo.G + g] : 0.0f;
-      }
-}
 
+// Runs every int8 tile of p (prepare(n) first fills token n's activations) with the V16 kernel or the
+// I2 one; p.w and p.scale must be in that kernel's layouts. The caller reads the choice once, for both.
 template <typename Prepare>
-void run_v16(const V16Problem& vp, int64_t work, Prepare&& prepare) {
-  run_all<4, 2>(vp.p.N, vp.p.geo.vblocks, 4, work, prepare, [&](auto MR, auto NB, int64_t n0, int64_t b0) {
-    tile_v16<decltype(MR)::value, decltype(NB)::value>(vp, n0, b0);
+void run_int8([[maybe_unused]] bool v16, const I8Problem& p, int64_t work, Prepare&& prepare) {
+#ifdef CCLI_TERNARY_VNNI
+  if (v16) {
+    run_all<4, 2>(p.N, p.geo.vblocks, 4, work, prepare, [&](auto MR, auto NB, int64_t n0, int64_t b0) {
+      tile_v16<decltype(MR)::value, decltype(NB)::value>(p, n0, b0);
+    });
+    return;
+  }
+#endif
+  run_all<8, CCLI_TERNARY_NRM>(p.N, p.geo.out, 64, work, prepare, [&](auto MR, auto NR, int64_t n0, int64_t i0) {
+    tile_i8<decltype(MR)::value, decltype(NR)::value>(p, n0, i0);
   });
 }
-#endif
 
 // ---- entry points ------------------------------------------------------------------------------------------
 
@@ -889,37 +895,18 @@ at::Tensor ternary_linear_impl(const at::Tensor& x_, const at::Tensor& packed, c
   const float* xp = x.const_data_ptr<float>();
   const float* bp = has_bias ? bias.const_data_ptr<float>() : nullptr;
   const int64_t work = N * out * in;
-#ifdef CCLI_TERNARY_VNNI
-  if (act_bits == 8 && use_v16()) {
-    const at::Tensor layout = get_layout(packed, geo, Layout::V16);
-    without_gil([&] {
-      Scratch& s = t_scratch;
-      int8_t* q = grow(s.q, N * geo.qstride());
-      int32_t* qsum = grow(s.qsum, N * geo.G);
-      float* sx = grow(s.sx, N);
-      float* scale_t = grow(s.scale_t, geo.vblocks * geo.G * 16);
-      transpose_scales(scale.const_data_ptr<float>(), geo, scale_t);
-      const V16Problem vp{I8Problem{layout.const_data_ptr<uint8_t>(), q, qsum, sx, scale.const_data_ptr<float>(), bp,
-                                    y.mutable_data_ptr<float>(), nullptr, N, geo},
-                          scale_t};
-      run_v16(vp, work, [&](int64_t n) { quantize_token_padded(xp + n * in, geo, q + n * geo.qstride(), qsum + n * geo.G, sx + n); });
-    });
-    trim_scratch();
-    return y;
-  }
-#endif
   if (act_bits == 8) {
-    const at::Tensor layout = get_layout(packed, geo, Layout::I2);
+    const bool v16 = g_use_v16.load(std::memory_order_relaxed);
+    const at::Tensor layout = get_layout(packed, geo, v16 ? Layout::V16 : Layout::I2);
+    const at::Tensor scales = v16 ? get_layout(scale_, geo, Layout::ScalesV16) : scale;  // keyed on the caller's tensor
     without_gil([&] {
       Scratch& s = t_scratch;
       int8_t* q = grow(s.q, N * geo.qstride());
       int32_t* qsum = grow(s.qsum, N * geo.G);
       float* sx = grow(s.sx, N);
-      I8Problem p{layout.const_data_ptr<uint8_t>(), q, qsum, sx, scale.const_data_ptr<float>(), bp,
-                  y.mutable_data_ptr<float>(), nullptr, N, geo};
-      run_all<8, CCLI_TERNARY_NRM>(
-          N, out, 64, work, [&](int64_t n) { quantize_token_padded(xp + n * in, geo, q + n * geo.qstride(), qsum + n * geo.G, sx + n); },
-          [&](auto MR, auto NR, int64_t n0, int64_t i0) { tile_i8<decltype(MR)::value, decltype(NR)::value>(p, n0, i0); });
+      const I8Problem p{layout.const_data_ptr<uint8_t>(), q, qsum, sx, scales.const_data_ptr<float>(), bp,
+                        y.mutable_data_ptr<float>(), nullptr, N, geo};
+      run_int8(v16, p, work, [&](int64_t n) { quantize_token_padded(xp + n * in, geo, q + n * geo.qstride(), qsum + n * geo.G, sx + n); });
     });
   } else {
     const at::Tensor layout = get_layout(packed, geo, Layout::P3);
@@ -946,29 +933,14 @@ at::Tensor ternary_int_matmul(const at::Tensor& q_, const at::Tensor& packed, in
   at::Tensor acc = at::empty({N, out, geo.G}, q.options().dtype(at::kInt));
   if (N == 0 || out == 0) return acc;
   const int8_t* qp = q.const_data_ptr<int8_t>();
-#ifdef CCLI_TERNARY_VNNI
-  if (use_v16()) {
-    const at::Tensor layout = get_layout(packed, geo, Layout::V16);
-    without_gil([&] {
-      std::vector<int8_t> qbuf(N * geo.qstride());
-      std::vector<int32_t> qsum(N * geo.G);
-      const V16Problem vp{I8Problem{layout.const_data_ptr<uint8_t>(), qbuf.data(), qsum.data(), nullptr, nullptr, nullptr,
-                                    nullptr, acc.mutable_data_ptr<int32_t>(), N, geo},
-                          nullptr};
-      run_v16(vp, N * out * in, [&](int64_t n) { copy_token_padded(qp + n * in, geo, qbuf.data() + n * geo.qstride(), qsum.data() + n * geo.G); });
-    });
-    return acc;
-  }
-#endif
-  const at::Tensor layout = get_layout(packed, geo, Layout::I2);
+  const bool v16 = g_use_v16.load(std::memory_order_relaxed);
+  const at::Tensor layout = get_layout(packed, geo, v16 ? Layout::V16 : Layout::I2);
   without_gil([&] {
     std::vector<int8_t> qbuf(N * geo.qstride());
     std::vector<int32_t> qsum(N * geo.G);
-    I8Problem p{layout.const_data_ptr<uint8_t>(), qbuf.data(), qsum.data(), nullptr, nullptr, nullptr, nullptr,
-                acc.mutable_data_ptr<int32_t>(), N, geo};
-    run_all<8, 2>(
-        N, out, 64, N * out * in, [&](int64_t n) { copy_token_padded(qp + n * in, geo, qbuf.data() + n * geo.qstride(), qsum.data() + n * geo.G); },
-        [&](auto MR, auto NR, int64_t n0, int64_t i0) { tile_i8<decltype(MR)::value, decltype(NR)::value>(p, n0, i0); });
+    const I8Problem p{layout.const_data_ptr<uint8_t>(), qbuf.data(), qsum.data(), nullptr, nullptr, nullptr, nullptr,
+                      acc.mutable_data_ptr<int32_t>(), N, geo};
+    run_int8(v16, p, N * out * in, [&](int64_t n) { copy_token_padded(qp + n * in, geo, qbuf.data() + n * geo.qstride(), qsum.data() + n * geo.G); });
   });
   return acc;
 }
@@ -1049,12 +1021,14 @@ std::vector<std::string> int8_kernels() {
 // The int8 kernel later calls use: "vnni" (the default where compiled) or "i2" (AVX2 / scalar).
 void use_int8_kernel(const std::string& name) {
   const std::vector<std::string> names = int8_kernels();
+  std::string have;
+  for (const std::string& n : names) have += (have.empty() ? "" : ", ") + n;
   TORCH_CHECK_VALUE(std::find(names.begin(), names.end(), name) != names.end(), "ternary: int8 kernel '", name,
-                    "' is not in this build (it has: ", names.size() > 1 ? "vnni, i2" : "i2", ")");
-  g_int8_kernel.store(static_cast<int>(name == "vnni" ? Int8Kernel::V16 : Int8Kernel::I2), std::memory_order_relaxed);
+                    "' is not in this build (it has: ", have, ")");
+  g_use_v16.store(name == "vnni", std::memory_order_relaxed);
 }
 
-std::string int8_kernel() { return use_v16() ? "vnni" : "i2"; }
+std::string int8_kernel() { return g_use_v16.load(std::memory_order_relaxed) ? "vnni" : "i2"; }
 
 int64_t cache_size() {
   std::lock_guard<std::mutex> lock(g_cache_mutex);
