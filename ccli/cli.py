@@ -145,6 +145,8 @@ def convert(
     act_bits: Optional[int] = typer.Option(None, "--act-bits", help="ternary: 8 (int8 activations, default) or 16 (float, weight-only)."),
     scale: Optional[str] = typer.Option(None, "--scale", help="ternary: weight scale per tensor (default), channel or group."),
     group_size: Optional[int] = typer.Option(None, "--group-size", help="ternary: input columns per scale with --scale group (default 128)."),
+    outliers: Optional[int] = typer.Option(
+        None, "--outliers", help="ternary: weights per linear kept in float, the largest against their scale (default 0)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Layer-wise training steps per layer."),
     e2e_steps: Optional[int] = typer.Option(None, "--e2e-steps", help="End-to-end training steps after the layers."),
     lr: Optional[float] = typer.Option(None, "--lr", help="Layer-wise learning rate."),
@@ -166,7 +168,8 @@ def convert(
     from .conversion import convert as run_convert
 
     params = {"trees": trees, "depth": depth, "leaf_width": leaf_width, "leaf_linear": leaf_linear,
-              "targets": targets, "act_bits": act_bits, "scale": scale, "group_size": group_size}
+              "targets": targets, "act_bits": act_bits, "scale": scale, "group_size": group_size,
+              "outliers": outliers}
     record = _run(lambda: run_convert(
         model, to=to, params=params, recipe=recipe, data=data, out=out, resume=resume, overwrite=overwrite,
         steps=steps, e2e_steps=e2e_steps, lr=lr, e2e_lr=e2e_lr, seed=seed, tokens=tokens, short_spans=short_spans,

@@ -67,6 +67,42 @@ def test_straight_through_gradients_reach_the_latent_weight_and_finalize_drops_i
     assert torch.equal(layer(torch.ones(2, 48)), before)
 
 
+@pytest.mark.parametrize("act_bits", [8, 16])
+def test_outliers_keep_the_weights_ternarisation_clips_most_in_float(act_bits):
+    dense = _dense()
+    with torch.no_grad():
+        dense.weight[3, 7] = 40.0  # a "massive activation" weight: far beyond its row's absmean
+        dense.weight[11, 0] = -25.0
+    layer = TernaryLinear.from_dense(dense.weight, dense.bias, "channel", act_bits=act_bits, outliers=2)
+    assert sorted(zip(layer.outlier_rows.tolist(), layer.outlier_cols.tolist())) == [(3, 7), (11, 0)]
+    assert layer.outlier_values.tolist() == [40.0, -25.0]
+    t = layer.ternary_weight()
+    assert t[3, 7] == 0 and t[11, 0] == 0  # the ternary matrix leaves them out, and its scale too
+    assert torch.allclose(layer.scale[3, 0], dense.weight[3].detach().abs().sum() / 48 - 40.0 / 48)
+    w = layer.dense_weight()
+    assert w[3, 7] == 40.0 and w[11, 0] == -25.0
+    x = torch.randn(7, 48)
+    if act_bits == 8:
+        scale = x.abs().amax(-1, keepdim=True) / 127
+        xq = torch.round(x / scale).clamp(-127, 127) * scale
+    else:
+        xq = x
+    ternary_part = w.clone()
+    ternary_part[3, 7] = ternary_part[11, 0] = 0
+    expected = nn.functional.linear(xq, ternary_part, dense.bias)  # the outliers see the float activations
+    expected[:, 3] += 40.0 * x[:, 7]
+    expected[:, 11] -= 25.0 * x[:, 0]
+    with torch.no_grad():
+        assert torch.allclose(layer.eval()(x), expected, atol=1e-4, rtol=1e-4)
+    layer.train()
+    out = layer(x)
+    assert torch.allclose(out, expected, atol=1e-4, rtol=1e-4)  # the straight-through path agrees
+    out.pow(2).sum().backward()
+    assert layer.outlier_values.grad.abs().min() > 0  # the outliers train
+    assert layer.weight.grad[3, 7] == 0 and layer.weight.grad[11, 0] == 0  # their latent entries never move
+    assert layer.weight_bytes == 20 * 12 + 20 * 4 + 2 * (8 + 8 + 4)
+
+
 @pytest.mark.parametrize("granularity", ["tensor", "channel", "group"])
 def test_recentring_keeps_the_quantised_layer_and_moves_weights_off_thresholds(granularity):
     dense = _dense(50, 12)
@@ -124,10 +160,13 @@ def test_converted_tiny_model_saves_and_reloads_bit_identically(family, tmp_path
     teacher = tiny(family)
     student = tiny(family)
     cfg = DistillConfig(steps=3, tokens=64, batch_tokens=32, e2e_steps=2, e2e_batch=2)
-    specs, report = distill(student, teacher, TernaryVariant(targets="all", scale="channel"), _batches(), cfg)
+    outliers = 2 if family == "gpt2" else 0  # float outlier weights survive the round trip too
+    specs, report = distill(student, teacher, TernaryVariant(targets="all", scale="channel", outliers=outliers),
+                            _batches(), cfg)
     assert len(report.layers) == len(specs) == LAYERS * len(view(teacher).blocks[0].linears("all"))
     modules = ternary_modules(student)
     assert len(modules) == len(specs) and all(m.weight is None for m in modules)  # finalised
+    assert all(m.outliers == outliers for m in modules)
     manifest = {"base_model": family, "base_source": "tiny", "family": family, "convert": [{"to": "ternary"}],
                 "layers": {}, "linears": specs}
     save_converted(student, None, tmp_path / "out", manifest)
@@ -167,6 +206,8 @@ def test_bad_options_are_clear_errors():
         TernaryVariant(scale="row")
     with pytest.raises(CcliError, match="group-size must be a positive integer"):
         TernaryVariant(group_size=0)
+    with pytest.raises(CcliError, match="outliers must be a non-negative integer"):
+        TernaryVariant(outliers=-1)
 
 
 def test_end_to_end_training_that_makes_things_worse_is_undone():

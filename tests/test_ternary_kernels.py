@@ -385,6 +385,31 @@ def test_fvcore_count_flops(act_bits):
     assert "ccli::ternary_linear" not in result.unknown_ops
 
 
+def test_outlier_op_adds_each_outlier_product_and_both_counters_count_it():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ccli.measure.flops import count_flops
+
+    torch.manual_seed(0)
+    x, y = torch.randn(2, 3, 10), torch.randn(2, 3, 4)
+    rows, cols, values = torch.tensor([0, 3, 3]), torch.tensor([9, 0, 9]), torch.tensor([2.0, -1.5, 0.25])
+    expected = y.clone()
+    for r, c, v in zip(rows.tolist(), cols.tolist(), values.tolist()):  # per-entry oracle
+        expected[..., r] += x[..., c] * v
+    assert torch.allclose(T.add_outliers(y, x, rows, cols, values), expected)
+    assert torch.allclose(T.add_outliers_reference(y, x, rows, cols, values), expected)
+
+    class Outliers(torch.nn.Module):
+        def forward(self, y, x):
+            return T.add_outliers(y, x, rows, cols, values)
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        Outliers()(y, x)
+    assert counter.get_total_flops() == 2 * 6 * 3  # one multiply-accumulate per token and outlier
+    assert count_flops(Outliers(), {"y": y, "x": x}).total == 2 * 6 * 3
+
+
 def test_work_accounting():
     assert T.ternary_adds(3, 768, 3072) == 3 * 768 * 3072
     assert T.ternary_scale_macs(3, 3072, 6) == 3 * 3072 * 6

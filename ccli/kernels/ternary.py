@@ -46,8 +46,17 @@ N * out * G multiply-accumulates and the FlopCounterMode formula 2 * N * out * G
 are not FLOPs of either counter: profilers count them by walking the TernaryLinear modules
 (ccli.variants.ternary, `adds_per_token`), or per call with `adds_for_call`.
 
-Importing this module registers the op, its fake (meta) impl, the FlopCounterMode formula and the
-fvcore handle. The op is for inference: it has no autograd formula.
+Outlier weights. A ternary row cannot hold one weight hundreds of times its row's absmean: in
+all-MiniLM-L6-v2, one weight of block 0's FFN output linear (332x its row's absmean) makes the
+"massive activation" of hidden dimension 99, and ternarised it is clipped to one scale. A layer may
+keep a few such weights in float32, outside the ternary matrix (whose entries there are 0):
+`ccli::ternary_outliers(y, x, rows, cols, values)` returns y with y[n, rows[k]] += x[n, cols[k]] *
+values[k] for each of its K outliers, on the float (unquantised) activations. It is one multiply-
+accumulate per outlier and token: both FLOP counters count N * K of them.
+
+Importing this module registers the ops, their fake (meta) impls, the FlopCounterMode formulas and the
+fvcore handles. The ops are for inference: they have no autograd formula (training uses
+`add_outliers_reference`, which is differentiable).
 """
 
 from __future__ import annotations
@@ -66,6 +75,8 @@ __all__ = [
     "GRANULARITIES",
     "WEIGHT_EPS",
     "absmean_ternarize",
+    "add_outliers",
+    "add_outliers_reference",
     "adds_for_call",
     "available_backends",
     "get_backend",
@@ -405,6 +416,28 @@ def ternary_linear(
     return y.view(*shape[:-1], packed.shape[0])
 
 
+def add_outliers_reference(y: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                           values: torch.Tensor) -> torch.Tensor:
+    """y (..., out) plus the float outlier weights' products: y[..., rows[k]] += x[..., cols[k]] * values[k].
+    Differentiable (training uses it directly); any device."""
+    return y.index_add(-1, rows, x.index_select(-1, cols) * values.to(x.dtype))
+
+
+_lib.define("ternary_outliers(Tensor y, Tensor x, Tensor rows, Tensor cols, Tensor values) -> Tensor")
+_lib.impl("ternary_outliers", add_outliers_reference, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("ccli::ternary_outliers")
+def _outliers_fake(y, x, rows, cols, values):
+    return torch.empty_like(y)
+
+
+def add_outliers(y: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+                 values: torch.Tensor) -> torch.Tensor:
+    """`add_outliers_reference` through the `ccli::ternary_outliers` op (so FLOP counters see it)."""
+    return torch.ops.ccli.ternary_outliers(y, x, rows, cols, values)
+
+
 # --- work accounting ------------------------------------------------------------------------------------
 
 
@@ -435,6 +468,10 @@ def _register_flop_formula() -> None:
     def _ternary_flop(x_shape, packed_shape, scale_shape, *args, out_shape=None, **kwargs):
         return 2 * ternary_scale_macs(x_shape[0], scale_shape[0], scale_shape[1])
 
+    @register_flop_formula(torch.ops.ccli.ternary_outliers)
+    def _outliers_flop(y_shape, x_shape, rows_shape, *args, out_shape=None, **kwargs):
+        return 2 * math.prod(x_shape[:-1]) * rows_shape[0]
+
 
 def _fvcore_handle(inputs, outputs) -> float:
     """fvcore handle: the epilogue multiply-accumulates of a traced ccli::ternary_linear node (the
@@ -444,12 +481,18 @@ def _fvcore_handle(inputs, outputs) -> float:
     return ternary_scale_macs(n_tokens, out_features, groups)
 
 
+def _fvcore_outliers_handle(inputs, outputs) -> float:
+    """fvcore handle of ccli::ternary_outliers: one multiply-accumulate per outlier and token."""
+    return math.prod(inputs[1].type().sizes()[:-1]) * inputs[2].type().sizes()[0]
+
+
 def _register_fvcore_handle() -> None:
     try:
         from ccli.measure.flops import register_flop_handle
     except Exception:  # noqa: BLE001  # pragma: no cover - ccli.measure is part of the package
         return
     register_flop_handle("ccli::ternary_linear", _fvcore_handle)
+    register_flop_handle("ccli::ternary_outliers", _fvcore_outliers_handle)
 
 
 _register_flop_formula()
