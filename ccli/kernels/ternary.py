@@ -421,7 +421,9 @@ def add_outliers_reference(y: torch.Tensor, x: torch.Tensor, rows: torch.Tensor,
                            values: torch.Tensor) -> torch.Tensor:
     """y (..., out) plus the float outlier weights' products: y[..., rows[k]] += x[..., cols[k]] * values[k].
     Differentiable (training uses it directly); any device."""
-    return y.index_add(-1, rows, x.index_select(-1, cols) * values.to(x.dtype))
+    y = y.clone()
+    _add_outliers_inplace(y, x, rows, cols, values)
+    return y
 
 
 def _add_outliers_inplace(y, x, rows, cols, values) -> None:

@@ -72,17 +72,20 @@ class TernaryLinear(nn.Module):
         if not isinstance(outliers, int) or not 0 <= outliers <= in_features * out_features:
             raise CcliError(f"ternary: outliers must be an integer from 0 to in x out = {in_features * out_features} "
                             f"(got {outliers!r})")
-        self.outliers = 0
         self._set_outlier_count(outliers)
 
+    @property
+    def outliers(self) -> int:
+        """How many float weights this layer keeps outside the ternary matrix (module doc)."""
+        return self.outlier_rows.numel() if "outlier_rows" in self._buffers else 0
+
     def _set_outlier_count(self, count: int) -> None:
-        """Make room for `count` float weights kept outside the ternary matrix (module doc)."""
+        """Make room for `count` float weights kept outside the ternary matrix."""
         if count == self.outliers:
             return
         for name in ("outlier_rows", "outlier_cols", "outlier_values"):
             if hasattr(self, name):
                 delattr(self, name)
-        self.outliers = count
         if count:
             self.register_buffer("outlier_rows", torch.zeros(count, dtype=torch.long))
             self.register_buffer("outlier_cols", torch.zeros(count, dtype=torch.long))
@@ -241,6 +244,8 @@ def select_outliers(weight: torch.Tensor, most: int, granularity: str = "tensor"
     """(rows, cols) of up to `most` weights of `weight` (out, in) at least OUTLIER_MIN_RATIO times their
     absmean scale (per tensor, channel or group, as the layer quantises), the largest first: the ones
     ternarisation clips the most. Sorted by position."""
+    if most == 0:
+        return weight.new_zeros(0, dtype=torch.long), weight.new_zeros(0, dtype=torch.long)
     k = _kernels()
     scale, used = k._absmean_scale(weight, granularity, group_size)
     ratio = (weight.abs() / k._expand_scale(scale, weight.shape[1], used)).flatten()
@@ -272,8 +277,9 @@ class TernaryVariant(LinearVariant):
 
     @classmethod
     def skeleton(cls, hidden_size: int, spec: dict) -> TernaryLinear:
+        # no outliers here: spec["outliers"] is only a most, and loading the saved tensors sizes them
         return TernaryLinear(spec["in_features"], spec["out_features"], spec["bias"], spec["scale"],
-                             spec["group_size"], spec["act_bits"], spec.get("outliers", 0))
+                             spec["group_size"], spec["act_bits"])
 
     def init_from_dense(self, linear: nn.Module, x: torch.Tensor, seed: int) -> TernaryLinear:
         from ..arch import linear_weight
