@@ -46,10 +46,8 @@ N * out * G multiply-accumulates and the FlopCounterMode formula 2 * N * out * G
 are not FLOPs of either counter: profilers count them by walking the TernaryLinear modules
 (ccli.variants.ternary, `adds_per_token`), or per call with `adds_for_call`.
 
-Outlier weights. A ternary row cannot hold one weight hundreds of times its row's absmean: in
-all-MiniLM-L6-v2, one weight of block 0's FFN output linear (332x its row's absmean) makes the
-"massive activation" of hidden dimension 99, and ternarised it is clipped to one scale. A layer may
-keep a few such weights in float32, outside the ternary matrix (whose entries there are 0):
+Outlier weights. A layer may keep a few weights far beyond their scale in float32, outside the
+ternary matrix (whose entries there are 0; why, in ccli.variants.ternary):
 `ccli::ternary_outliers_(y, x, rows, cols, values)` adds, in place, y[n, rows[k]] += x[n, cols[k]] *
 values[k] for each of its K outliers, on the float (unquantised) activations (in place because a copy
 of y would cost more than the outliers: 275 us against 7 us for a 128 x 1536 output on one thread). It
