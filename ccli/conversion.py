@@ -78,13 +78,14 @@ def convert(
     reports, specs_by_kind = [], {"ffn": {}, "linear": {}}
     for n, step in enumerate(plan["convert"]):
         variant = FAMILIES[step["to"]](**_variant_kwargs(step))
-        # a step may convert only some blocks; end-to-end training runs once, after the last step
-        step_cfg = replace(cfg, layers=step.get("layers", cfg.layers),
-                           e2e_steps=cfg.e2e_steps if n == len(plan["convert"]) - 1 else 0)
+        # A step may convert only some blocks. End-to-end training runs once, after the last step, and
+        # trains every step's modules, so only the last step finalizes them.
+        last = n == len(plan["convert"]) - 1
+        step_cfg = replace(cfg, layers=step.get("layers", cfg.layers), e2e_steps=cfg.e2e_steps if last else 0)
         run_key = {"model": teacher.source, "variant": variant.spec(), "distill": asdict(step_cfg), "data": plan["data"], "step": n}
         checkpoint = _progress_path(out_path).with_suffix(f".{n}.pt") if out_path else None
         specs, report = distill(student, teacher.model, variant, batches, step_cfg, checkpoint=checkpoint,
-                                resume=resume, run_key=run_key, progress=progress)
+                                resume=resume, run_key=run_key, progress=progress, finalize=last)
         specs_by_kind[variant.kind].update(specs)
         reports.append(report)
 

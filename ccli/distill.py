@@ -15,7 +15,9 @@ linear layers (ternary). Conversion runs in two stages, the same for every famil
    its teacher instead of letting later blocks compensate for earlier ones. Before it starts, every converted module's
    `prepare_for_end_to_end()` (if it has one) may re-express its trainable state without changing
    what it computes (ternary linears move their latent weights away from rounding thresholds).
-Finally every converted module's `finalize()` (if it has one) drops what only training needed.
+Finally every converted module's `finalize()` (if it has one) drops what only training needed
+(unless `finalize=False`: a recipe's earlier steps keep it, so the last step's end-to-end stage can
+still train them).
 
 Progress goes to stderr (rich progress bars when stderr is a terminal). `resume=True` continues
 from the last checkpoint of an identical run.
@@ -238,9 +240,12 @@ def distill(
     resume: bool = False,
     run_key: dict | None = None,
     progress: Progress | None = None,
+    finalize: bool = True,
 ) -> tuple[dict[str, dict], DistillReport]:
     """Convert the units of `student` (a copy of `teacher`) that `variant` names, in place.
-    Returns ({unit key: spec}, report)."""
+    Returns ({unit key: spec}, report). With `finalize=False` the converted modules keep what
+    training needs (ternary latent weights: a finalized ternary linear passes no gradient), for a
+    later call whose end-to-end stage trains them too."""
     cfg.validate()
     progress = progress or Progress(enabled=False)
     torch.manual_seed(cfg.seed)
@@ -294,9 +299,10 @@ def distill(
         if cfg.e2e_steps:
             saver = _E2ECheckpoint(state, checkpoint) if checkpoint is not None else None
             report.e2e_losses, report.e2e_kept = end_to_end(student, teacher, train_batches, cfg, progress, saver)
-    for module in converted_modules(student):
-        if hasattr(module, "finalize"):
-            module.finalize()
+    if finalize:
+        for module in converted_modules(student):
+            if hasattr(module, "finalize"):
+                module.finalize()
     report.seconds = time.perf_counter() - start
     return specs, report
 

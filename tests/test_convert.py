@@ -140,6 +140,45 @@ def test_resume_inside_end_to_end_training_continues_where_it_stopped(tmp_path, 
     assert not list(tmp_path.glob(".b.ccli-progress*"))  # the finished run leaves no progress behind
 
 
+COMPOSED = """
+convert:
+  - to: ternary
+    targets: ffn
+    layers: [1]
+  - to: fff
+    depth: 1
+    leaf_width: 32
+    layers: [0]
+distill:
+  steps: 3
+  tokens: 2048
+  batch_tokens: 512
+  e2e_batch: 4
+"""
+
+
+def test_a_recipes_end_to_end_stage_trains_every_steps_modules(tmp_path, one_thread):
+    """End-to-end training runs after a recipe's last step and trains what every step converted. Here
+    the first step's ternary linears (block 1) sit between the second step's tree (block 0) and the
+    loss: finalized before that stage, their ternary weights were frozen (and, before the op had a
+    gradient formula, no gradient passed through them at all)."""
+    recipe = tmp_path / "composed.yaml"
+    recipe.write_text(COMPOSED)
+    options = dict(recipe=str(recipe), heldout_paragraphs=16, show_progress=False, evaluate_fidelity=False)
+    layerwise = convert("minilm", e2e_steps=0, out=str(tmp_path / "a"), **options)
+    trained = convert("minilm", e2e_steps=6, out=str(tmp_path / "b"), **options)
+    assert trained["e2e_kept"] and trained["e2e_loss_last"] < trained["e2e_loss_first"]
+    a, _ = ccli.load(str(tmp_path / "a"))
+    b, _ = ccli.load(str(tmp_path / "b"))
+    tree = "encoder.layer.0.output.dense"
+    assert not torch.equal(a.get_submodule(tree).linear_in.weight, b.get_submodule(tree).linear_in.weight)
+    for path in ("encoder.layer.1.intermediate.dense", "encoder.layer.1.output.dense"):
+        # the ternary weights themselves (their scales follow the latent weights), not only the bias
+        assert not torch.equal(a.get_submodule(path).scale, b.get_submodule(path).scale), f"{path} was not trained"
+    manifest = json.loads((tmp_path / "b" / "ccli.json").read_text())
+    assert set(manifest["layers"]) == {"0"} and len(manifest["linears"]) == 2
+    assert layerwise["layers"][0]["final_rel_error"] == trained["layers"][0]["final_rel_error"]
+
 def test_convert_cli_errors():
     runner = CliRunner()
     result = runner.invoke(app, ["convert", "--to", "fff", "--resume"])

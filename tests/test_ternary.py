@@ -67,6 +67,28 @@ def test_straight_through_gradients_reach_the_latent_weight_and_finalize_drops_i
     assert torch.equal(layer(torch.ones(2, 48)), before)
 
 
+@pytest.mark.parametrize("granularity,act_bits,outliers", [("tensor", 8, 0), ("group", 16, 0), ("channel", 8, 2)])
+def test_a_finalized_layer_passes_gradients_to_its_input_bias_and_outliers(granularity, act_bits, outliers):
+    """The ccli::ternary_linear op's gradient: straight through the activation quantisation to x (as
+    in training) and to the bias, with the packed weights constant. Without it an earlier recipe
+    step's layers, or a saved model's, silently stop gradients that should pass through them."""
+    dense = _dense(50, 12)
+    with torch.no_grad():
+        dense.weight[3, 7] = 40.0
+    layer = TernaryLinear.from_dense(dense.weight, dense.bias, granularity, group_size=16, act_bits=act_bits,
+                                     outliers=outliers)
+    weight = layer.dense_weight()
+    layer.finalize()
+    layer.train()
+    x = torch.randn(5, 50, requires_grad=True)
+    grad = torch.randn(5, 12)
+    layer(x).backward(grad)
+    assert torch.allclose(x.grad, grad @ weight, atol=1e-5)
+    assert torch.allclose(layer.bias.grad, grad.sum(0))
+    if outliers:
+        assert torch.allclose(layer.outlier_values.grad, (grad[:, 3] * x[:, 7]).sum().detach().unsqueeze(0))
+
+
 @pytest.mark.parametrize("act_bits", [8, 16])
 def test_outliers_keep_the_weights_ternarisation_clips_most_in_float(act_bits):
     dense = _dense()

@@ -395,6 +395,28 @@ def _ternary_fake(x, packed, scale, bias, in_features, group_size, act_bits):
     return x.new_empty((x.shape[0], packed.shape[0]))
 
 
+def _ternary_setup_context(ctx, inputs, output):
+    _, packed, scale, bias, in_features, group_size, _ = inputs
+    ctx.save_for_backward(packed, scale)
+    ctx.in_features, ctx.group_size, ctx.has_bias = in_features, group_size, bias is not None
+
+
+def _ternary_backward(ctx, grad):
+    """Gradients for the input (straight through the activation quantisation, as training does) and
+    the bias; the packed weights and their scales are constants. So a finalized ternary linear (a
+    saved model's, or an earlier recipe step's) still passes gradients on to what comes before it."""
+    packed, scale = ctx.saved_tensors
+    grad_x = grad_bias = None
+    if ctx.needs_input_grad[0]:
+        weight = unpack_ternary(packed, ctx.in_features).to(grad.dtype)
+        grad_x = grad @ (weight * _expand_scale(scale, ctx.in_features, ctx.group_size).to(grad.dtype))
+    if ctx.has_bias and ctx.needs_input_grad[3]:
+        grad_bias = grad.sum(0)
+    return grad_x, None, None, grad_bias, None, None, None
+
+
+torch.library.register_autograd("ccli::ternary_linear", _ternary_backward, setup_context=_ternary_setup_context)
+
 _OP = torch.ops.ccli.ternary_linear.default
 
 

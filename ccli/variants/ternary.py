@@ -214,6 +214,9 @@ class TernaryLinear(nn.Module):
         k = _kernels()
         y = k.ternary_linear(x, self.packed, self.scale, self.bias, self.in_features, self.group_size, self.act_bits)
         if self.outliers:
+            if torch.is_grad_enabled() and (x.requires_grad or self.outlier_values.requires_grad):
+                # the in-place op has no gradient; this path is fine-tuning, not inference
+                return k.add_outliers_reference(y, x, self.outlier_rows, self.outlier_cols, self.outlier_values)
             y = k.add_outliers(y, x, self.outlier_rows, self.outlier_cols, self.outlier_values)
         return y
 
