@@ -244,8 +244,8 @@ def distill(
 ) -> tuple[dict[str, dict], DistillReport]:
     """Convert the units of `student` (a copy of `teacher`) that `variant` names, in place.
     Returns ({unit key: spec}, report). With `finalize=False` the converted modules keep what
-    training needs (ternary latent weights: a finalized ternary linear passes no gradient), for a
-    later call whose end-to-end stage trains them too."""
+    training needs (the latent weights without which a ternary linear's weights cannot train), for
+    a later call whose end-to-end stage trains them too."""
     cfg.validate()
     progress = progress or Progress(enabled=False)
     torch.manual_seed(cfg.seed)
