@@ -7,8 +7,8 @@
 Each job converts one block of the embedded default model alone into one tree of the given depth
 and leaf width (layer-wise distillation as `ccli convert` does it: 300 steps on 32k calibration
 tokens of the shuffled training text with short spans; no end-to-end stage) and scores the model on
-the whole bundled held-out split (343 paragraphs; `convert` scores the first 256): pooled-embedding cosine (mean / worst) and retrieval agreement with the
-original. 1 - cosine is what that block's tree costs; comparing the costs across blocks and widths
+the whole bundled held-out split (343 paragraphs; `convert` scores the first 256): pooled-embedding
+cosine (mean / worst) and retrieval agreement with the original. 1 - cosine is what that block's tree costs; comparing the costs across blocks and widths
 tells whether spending the neurons unevenly (wide leaves where a block is sensitive, narrow where it
 is not) could beat the same width everywhere at the same FLOPs. About 1-2 minutes per job on 1 thread.
 """
@@ -22,6 +22,7 @@ import torch
 import ccli
 from ccli.data import load_paragraphs, training_text
 from ccli.distill import DistillConfig, distill, tokenize
+from ccli.errors import CcliError
 from ccli.measure.fidelity import compare
 from ccli.variants.fff import FFFVariant
 
@@ -46,6 +47,16 @@ def main(jobs: list[tuple[int, int, int]]) -> None:
               f"   ({time.perf_counter() - start:.0f} s)", flush=True)
 
 
+def parse_job(arg: str) -> tuple[int, int, int]:
+    parts = arg.split(":")
+    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+        raise CcliError(f"expected BLOCK:DEPTH:WIDTH with three non-negative integers, got {arg!r}")
+    return tuple(int(p) for p in parts)
+
+
 if __name__ == "__main__":
-    given = [tuple(int(v) for v in arg.split(":")) for arg in sys.argv[1:]]
-    main(given or [(block, depth, width) for block in range(6) for depth, width in SHAPES])
+    try:
+        given = [parse_job(arg) for arg in sys.argv[1:]]
+        main(given or [(block, depth, width) for block in range(6) for depth, width in SHAPES])
+    except CcliError as exc:
+        sys.exit(f"error: {exc}")

@@ -179,6 +179,7 @@ def test_a_recipes_end_to_end_stage_trains_every_steps_modules(tmp_path, one_thr
     assert set(manifest["layers"]) == {"0"} and len(manifest["linears"]) == 2
     assert layerwise["layers"][0]["final_rel_error"] == trained["layers"][0]["final_rel_error"]
 
+
 def test_convert_cli_errors():
     runner = CliRunner()
     result = runner.invoke(app, ["convert", "--to", "fff", "--resume"])

@@ -185,6 +185,11 @@ def unpack_ternary(packed: torch.Tensor, in_features: int) -> torch.Tensor:
     return lut[codes.long()].reshape(packed.shape[0], packed.shape[1] * 4)[:, :in_features]
 
 
+def dequantize(packed: torch.Tensor, scale: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor:
+    """The float32 weight (out, in) that packed ternary values and their scales stand for."""
+    return unpack_ternary(packed, in_features).float() * _expand_scale(scale, in_features, group_size).float()
+
+
 def _check_packed(packed: torch.Tensor, in_features: int) -> None:
     if packed.dtype is not torch.uint8 or packed.dim() != 2:
         raise ValueError(f"ternary: packed weights must be a 2-D uint8 tensor, got {packed.dtype} {tuple(packed.shape)}")
@@ -408,8 +413,7 @@ def _ternary_backward(ctx, grad):
     packed, scale = ctx.saved_tensors
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
-        weight = unpack_ternary(packed, ctx.in_features).to(grad.dtype)
-        grad_x = grad @ (weight * _expand_scale(scale, ctx.in_features, ctx.group_size).to(grad.dtype))
+        grad_x = grad @ dequantize(packed, scale, ctx.in_features, ctx.group_size).to(grad.dtype)
     if ctx.has_bias and ctx.needs_input_grad[3]:
         grad_bias = grad.sum(0)
     return grad_x, None, None, grad_bias, None, None, None
@@ -462,7 +466,10 @@ def _outliers_fake(y, x, rows, cols, values):
 def add_outliers(y: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
                  values: torch.Tensor) -> torch.Tensor:
     """`add_outliers_reference` in place on y (returned) through the `ccli::ternary_outliers_` op, so
-    FLOP counters see it. For inference: y must not need its old values."""
+    FLOP counters see it. For inference: y must not need its old values. When a gradient is wanted the
+    in-place op, which has none, gives way to the differentiable out-of-place reference."""
+    if torch.is_grad_enabled() and (y.requires_grad or x.requires_grad or values.requires_grad):
+        return add_outliers_reference(y, x, rows, cols, values)
     torch.ops.ccli.ternary_outliers_(y, x, rows, cols, values)
     return y
 

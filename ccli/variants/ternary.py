@@ -187,8 +187,8 @@ class TernaryLinear(nn.Module):
 
     def dense_weight(self) -> torch.Tensor:
         """The effective float weight (out, in): ternary values times their scales, plus the outliers."""
-        scale = self.scale.repeat_interleave(self.group_size, dim=1)[:, : self.in_features]
-        weight = self.ternary_weight().float() * scale
+        self._sync()
+        weight = _kernels().dequantize(self.packed, self.scale, self.in_features, self.group_size)
         if self.outliers:
             weight = weight.index_put((self.outlier_rows, self.outlier_cols), self.outlier_values.detach(), accumulate=True)
         return weight
@@ -214,9 +214,6 @@ class TernaryLinear(nn.Module):
         k = _kernels()
         y = k.ternary_linear(x, self.packed, self.scale, self.bias, self.in_features, self.group_size, self.act_bits)
         if self.outliers:
-            if torch.is_grad_enabled() and (x.requires_grad or self.outlier_values.requires_grad):
-                # the in-place op has no gradient; this path is fine-tuning, not inference
-                return k.add_outliers_reference(y, x, self.outlier_rows, self.outlier_cols, self.outlier_values)
             y = k.add_outliers(y, x, self.outlier_rows, self.outlier_cols, self.outlier_values)
         return y
 
