@@ -3,7 +3,8 @@
     python examples/convert_fff.py [--quick]
 
 --quick uses a tiny training budget (about a minute on 2 cores) to show the workflow; without it the
-recommended recipe runs (about 15-20 minutes on 2 cores).
+recommended recipe runs (recipes/fff-minilm.yaml: measured at 52 minutes on one thread of a shared
+2-core VM, see docs/fff.md).
 """
 
 import sys

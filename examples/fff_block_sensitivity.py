@@ -1,4 +1,4 @@
-"""How much does each block's tree cost the model? (the README's per-block sensitivity table)
+"""How much does each block's tree cost the model? (the per-block table in docs/experiments.md)
 
     python examples/fff_block_sensitivity.py [BLOCK:DEPTH:WIDTH ...]
         (default: every block of the embedded default model at 1 x 1 x 760, 1 x 2 x 380, 1 x 3 x 190

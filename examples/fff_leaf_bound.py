@@ -1,4 +1,4 @@
-"""How close can a tree's leaves come to a free choice of neurons per token? (the README's leaf bound)
+"""How close can a tree's leaves come to a free choice of neurons per token? (the leaf bound in docs/experiments.md)
 
     python examples/fff_leaf_bound.py [BLOCK] [DEPTH:WIDTH[:LINEAR] ...]     (defaults: 3 2:380 4:378 6:376)
 

@@ -1,4 +1,4 @@
-"""How well can ANY choice of neurons per token do at a given FFN budget? (the README's top-k bound)
+"""How well can ANY choice of neurons per token do at a given FFN budget? (the top-k bound in docs/experiments.md)
 
     python examples/fff_selection_bound.py [K] [E2E_STEPS]      (defaults: 382 1200; ~40 min on 1 thread)
 
