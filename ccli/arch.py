@@ -7,7 +7,9 @@ model family means adding one `Family` entry here and nothing else.
 
 A feed-forward block is swapped with `FFNView.replace(module)`, where `module` maps (..., H) to
 (..., H) and stands for the whole FFN (input linears, activation and output linear). The FFN keeps
-the same module paths after a swap, so profile and bench attribute its cost the same way.
+the same module paths after a swap, so profile and bench attribute its cost the same way. A whole
+block is swapped with `BlockView.replace(module)`; block variants wrap the block so that its parts
+keep their paths too (variants.base.wrap_block).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 from torch import nn
 
 from .errors import CcliError
+from .variants.base import is_converted
 
 
 def linear_weight(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -27,7 +30,7 @@ def linear_weight(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
         return layer.weight, layer.bias
     if type(layer).__name__ == "Conv1D":
         return layer.weight.t(), layer.bias
-    if getattr(layer, "is_ccli_linear", False):  # a converted linear (e.g. ternary): its effective weights
+    if is_converted(layer, "linear"):  # a converted linear (e.g. ternary): its effective weights
         return layer.dense_weight(), layer.bias
     raise TypeError(f"not a linear layer: {type(layer).__name__}")
 
@@ -39,7 +42,7 @@ def is_linear(layer: nn.Module) -> bool:
 
 def is_any_linear(layer: nn.Module) -> bool:
     """A linear layer, dense or converted by a linear variant (which keeps the linear's shape)."""
-    return is_linear(layer) or getattr(layer, "is_ccli_linear", False)
+    return is_linear(layer) or is_converted(layer, "linear")
 
 
 class RemovedFFN(nn.Module):
@@ -85,7 +88,7 @@ class FFNView:
     def converted(self) -> bool:
         """Replaced whole by a variant, or holding linears a linear variant converted."""
         return self.replaced is not None or any(
-            getattr(m, "is_ccli_linear", False) for m in [*self.inputs, self.output] if m is not None)
+            is_converted(m, "linear") for m in [*self.inputs, self.output] if m is not None)
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
         """The FFN as it now is (replaced or not), through its own modules, without residual or norm."""
@@ -117,6 +120,26 @@ class BlockView:
     path: str
     attention: AttentionView
     ffn: FFNView
+    _install: Callable[[nn.Module], None]
+
+    @property
+    def converted(self) -> bool:
+        """Replaced or wrapped whole by a block-level variant."""
+        return is_converted(self.module, "block")
+
+    def replace(self, module: nn.Module) -> None:
+        """Put `module` in this block's place. It must keep the block's parts at their paths (a block
+        variant wraps the block, see variants.base.wrap_block). Hooks on the old block (transformers
+        records each block's output as a hidden state through one) move to the new one unless it is
+        the same module or already has its own."""
+        old = self.module
+        if module is not old:
+            for name in ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+                         "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs"):
+                if getattr(old, name, None) and not getattr(module, name, None):
+                    getattr(module, name).update(getattr(old, name))
+        self._install(module)
+        self.module = module
 
     def linears(self, targets: str = "all") -> dict[str, nn.Module]:
         """This block's dense linear layers by model path, in forward order: targets 'ffn', 'attention' or 'all'."""
@@ -251,7 +274,8 @@ def view(model: nn.Module) -> ArchView:
         embeddings[names[id(module)]] = module
 
     blocks = []
-    for index, block in enumerate(base.get_submodule(fam.blocks)):
+    block_list = base.get_submodule(fam.blocks)
+    for index, block in enumerate(block_list):
         block_path = names[id(block)]
         attn = block.get_submodule(fam.attention)
         attention = AttentionView(
@@ -259,7 +283,8 @@ def view(model: nn.Module) -> ArchView:
             _join(block_path, fam.attention),
             {_join(block_path, fam.attention, lin): attn.get_submodule(lin) for lin in fam.attention_linears},
         )
-        blocks.append(BlockView(index, block, block_path, attention, _ffn_view(fam, block, block_path)))
+        install = lambda module, index=index: block_list.__setitem__(index, module)  # noqa: E731
+        blocks.append(BlockView(index, block, block_path, attention, _ffn_view(fam, block, block_path), install))
     if not blocks:
         raise CcliError(f"the {family_name} model has no transformer blocks")
     return ArchView(family_name, model, embeddings, blocks)
@@ -291,7 +316,7 @@ def _ffn_view(fam: Family, block: nn.Module, block_path: str) -> FFNView:
             setattr(owner, attr, module)
 
         current = host
-        replaced = not any(is_any_linear(m) for m in host.modules()) or getattr(host, "is_ccli_ffn", False)
+        replaced = not any(is_any_linear(m) for m in host.modules()) or is_converted(host, "ffn")
 
     if replaced:
         hidden = getattr(current, "hidden_size", None) or _hidden_of(block)

@@ -2,11 +2,13 @@
 
 A converted model is saved as a directory: `model.safetensors` (every tensor of the model),
 `config.json` (the base model's transformers config), the tokenizer files, and `ccli.json`, the
-manifest of what was converted (per layer: variant and its shape), where the model came from and
-how it was trained and measured. `load_converted` rebuilds the base architecture from the config,
-puts empty variant modules where the manifest says (`layers`: block index -> the module standing for
-that block's FFN; `linears`: module path -> a converted linear), and loads the tensors: outputs are bit-identical
-to the model that was saved.
+manifest of what was converted, where the model came from and how it was trained and measured. Its
+`units` list every converted unit in the order it was converted: `key` (a block index for FFN and
+block units, a module path for linears) and `spec` (the family, `variant`, and the module's shape).
+`load_converted` rebuilds the base architecture from the config, lets each unit's family put an
+empty module where its key says (`Variant.restore`), in the same order, and loads the tensors:
+outputs are bit-identical to the model that was saved. Manifests of format 1 (`layers`: block index
+-> FFN spec; `linears`: path -> linear spec) still load.
 
 Writes are atomic: everything goes to a temporary sibling directory that is renamed into place only
 when complete, so an interrupted save never leaves a half-written model or damages an old one.
@@ -25,9 +27,11 @@ import torch
 from . import __version__
 from .arch import view
 from .errors import CcliError
+from .loaded import Loaded, model_class
 
 MANIFEST = "ccli.json"
-FORMAT = 1
+FORMAT = 2
+READABLE_FORMATS = (1, 2)
 
 
 def save_converted(model, tokenizer, out: str | Path, manifest: dict, *, overwrite: bool = False) -> Path:
@@ -79,19 +83,28 @@ def read_manifest(directory: str | Path) -> dict:
         manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CcliError(f"cannot read the ccli manifest {path}: {exc}") from exc
-    if manifest.get("format") != FORMAT:
-        raise CcliError(f"{path} has manifest format {manifest.get('format')!r}; this ccli reads format {FORMAT}")
+    if manifest.get("format") not in READABLE_FORMATS:
+        raise CcliError(f"{path} has manifest format {manifest.get('format')!r}; this ccli reads formats "
+                        f"{', '.join(map(str, READABLE_FORMATS))}")
     return manifest
 
 
-def build_layer(hidden_size: int, spec: dict) -> torch.nn.Module:
+def manifest_units(manifest: dict) -> list[tuple[str, dict]]:
+    """(key, spec) of every converted unit, in the order they were converted."""
+    if manifest.get("format") == 1:  # whole FFNs first: linears may live inside them
+        return [*manifest.get("layers", {}).items(), *manifest.get("linears", {}).items()]
+    return [(unit["key"], unit["spec"]) for unit in manifest.get("units", [])]
+
+
+def restore_unit(arch, key: str, spec: dict) -> torch.nn.Module:
+    """Let the unit's family put an empty module where `key` says; returns it."""
     from .variants import FAMILIES
 
     family = FAMILIES.get(spec.get("variant"))
     if family is None:
         raise CcliError(f"the manifest names an unknown variant {spec.get('variant')!r}; known: {', '.join(FAMILIES)}")
     try:
-        return family.skeleton(hidden_size, spec)
+        return family.restore(arch, key, spec)
     except KeyError as exc:
         raise CcliError(f"the manifest's {spec['variant']} entry lacks '{exc.args[0]}'") from exc
 
@@ -101,23 +114,16 @@ def load_converted(directory: str | Path, *, name: str | None = None, attn_imple
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoTokenizer
 
-    from .hub import Loaded, _model_class
-
     directory = Path(directory)
     manifest = read_manifest(directory)
     config = AutoConfig.from_pretrained(directory)
     extra = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    model = _model_class(config).from_config(config, **extra)
-    arch = view(model)
-    for index, spec in manifest.get("layers", {}).items():  # whole FFNs first: linears may live inside them
-        block = arch.blocks[int(index)]
-        block.ffn.replace(build_layer(arch.hidden_size, spec))
-    for path, spec in manifest.get("linears", {}).items():
+    model = model_class(config).from_config(config, **extra)
+    for key, spec in manifest_units(manifest):
         try:
-            model.get_submodule(path)
-        except AttributeError as exc:
-            raise CcliError(f"{directory}: the manifest names a linear {path} that the model does not have") from exc
-        model.set_submodule(path, build_layer(arch.hidden_size, spec))
+            restore_unit(view(model), key, spec)
+        except CcliError as exc:
+            raise CcliError(f"{directory}: {exc}") from exc
     try:
         state = load_file(str(directory / "model.safetensors"))
     except Exception as exc:

@@ -3,6 +3,7 @@ No logic of its own lives here."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import sys
@@ -131,51 +132,69 @@ def bench(
     _emit(rows, as_json, "bench")
 
 
-@app.command()
-def convert(
-    model: Optional[str] = typer.Argument(None, help="Model alias, local directory or Hub id (default: the embedded minilm)."),
-    to: Optional[str] = typer.Option(None, "--to", help="Variant family: fff or ternary."),
-    recipe: Optional[str] = typer.Option(None, "--recipe", help="YAML recipe (explicit options override it)."),
-    trees: Optional[int] = typer.Option(None, "--trees", help="fff: parallel trees per layer (default 1)."),
-    depth: Optional[int] = typer.Option(None, "--depth", help="fff: tree depth (routing decisions per token)."),
-    leaf_width: Optional[int] = typer.Option(None, "--leaf-width", help="fff: neurons per leaf (1 = UltraFastBERT)."),
-    leaf_linear: Optional[int] = typer.Option(
-        None, "--leaf-linear", help="fff: how many of each leaf's neurons are linear (no activation; default 0)."),
-    targets: Optional[str] = typer.Option(None, "--targets", help="ternary: which linears: ffn, attention or all (default all)."),
-    act_bits: Optional[int] = typer.Option(None, "--act-bits", help="ternary: 8 (int8 activations, default) or 16 (float, weight-only)."),
-    scale: Optional[str] = typer.Option(None, "--scale", help="ternary: weight scale per tensor (default), channel or group."),
-    group_size: Optional[int] = typer.Option(None, "--group-size", help="ternary: input columns per scale with --scale group (default 128)."),
-    outliers: Optional[int] = typer.Option(
-        None, "--outliers", help="ternary: weights per linear kept in float, the largest against their scale (default 0)."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Layer-wise training steps per layer."),
-    e2e_steps: Optional[int] = typer.Option(None, "--e2e-steps", help="End-to-end training steps after the layers."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Layer-wise learning rate."),
-    e2e_lr: Optional[float] = typer.Option(None, "--e2e-lr", help="End-to-end learning rate."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
-    tokens: Optional[int] = typer.Option(None, "--tokens", help="Calibration tokens per layer."),
-    short_spans: Optional[float] = typer.Option(
-        None, "--short-spans", help="Add this fraction of short random spans (4-64 words) to the training text (default 0)."),
-    e2e_target: Optional[str] = typer.Option(
-        None, "--e2e-target", help="End-to-end loss on the final hidden states (last, default) or on every block's output (all)."),
-    data: Optional[str] = typer.Option(None, "--data", help="Training text: bundled, a .txt or .jsonl file, or hf:NAME."),
-    out: Optional[str] = typer.Option(None, "--out", "-o", help="Directory to save the converted model in."),
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted conversion into the same --out."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace --out if it exists."),
-    as_json: bool = JsonOpt,
-):
-    """Convert a model's FFNs (fff) or linear layers (ternary) into a conditional-compute variant by
+def _variant_options() -> list[inspect.Parameter]:
+    """One CLI option per field of every family's config (fields of the same name share it)."""
+    from .variants import FAMILIES
+
+    merged: dict[str, tuple[type, list[str]]] = {}
+    for name, family in FAMILIES.items():
+        for f in family.config.options():
+            kind, helps = merged.setdefault(f.name, (type(f.default), []))
+            helps.append(f"{name}: {f.metadata.get('help', '')} (default {f.default}).")
+    return [inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[kind],
+                              default=typer.Option(None, "--" + key.replace("_", "-"), help="; ".join(helps)))
+            for key, (kind, helps) in merged.items()]
+
+
+def convert(**options):
+    """Convert a model's FFNs, linear layers or blocks into a conditional-compute variant by
     distillation, and measure fidelity."""
     from .conversion import convert as run_convert
 
-    params = {"trees": trees, "depth": depth, "leaf_width": leaf_width, "leaf_linear": leaf_linear,
-              "targets": targets, "act_bits": act_bits, "scale": scale, "group_size": group_size,
-              "outliers": outliers}
-    record = _run(lambda: run_convert(
-        model, to=to, params=params, recipe=recipe, data=data, out=out, resume=resume, overwrite=overwrite,
-        steps=steps, e2e_steps=e2e_steps, lr=lr, e2e_lr=e2e_lr, seed=seed, tokens=tokens, short_spans=short_spans,
-        e2e_target=e2e_target,
-    ))
+    params = {p.name: options.pop(p.name) for p in _variant_options()}
+    model, as_json = options.pop("model"), options.pop("as_json")
+    record = _run(lambda: run_convert(model, params=params, **options))
     _emit([record], as_json, "convert")
+
+
+def _convert_signature() -> inspect.Signature:
+    from .variants import FAMILIES
+
+    def option(name, kind, *flags, help):
+        return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=kind,
+                                 default=typer.Option(None, *flags, help=help))
+
+    families = ", ".join(FAMILIES)
+    return inspect.Signature([
+        inspect.Parameter("model", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str], default=typer.Argument(
+            None, help="Model alias, local directory or Hub id (default: the embedded minilm).")),
+        option("to", Optional[str], "--to", help=f"Variant family: {families}."),
+        option("recipe", Optional[str], "--recipe", help="YAML recipe (explicit options override it)."),
+        *_variant_options(),
+        option("steps", Optional[int], "--steps", help="Layer-wise training steps per layer."),
+        option("e2e_steps", Optional[int], "--e2e-steps", help="End-to-end training steps after the layers."),
+        option("lr", Optional[float], "--lr", help="Layer-wise learning rate."),
+        option("e2e_lr", Optional[float], "--e2e-lr", help="End-to-end learning rate."),
+        option("seed", Optional[int], "--seed", help="Random seed."),
+        option("tokens", Optional[int], "--tokens", help="Calibration tokens per layer."),
+        option("short_spans", Optional[float], "--short-spans",
+               help="Add this fraction of short random spans (4-64 words) to the training text (default 0)."),
+        option("e2e_target", Optional[str], "--e2e-target",
+               help="End-to-end loss on the final hidden states (last, default) or on every block's output (all)."),
+        option("data", Optional[str], "--data", help="Training text: bundled, a .txt or .jsonl file, or hf:NAME."),
+        option("out", Optional[str], "--out", "-o", help="Directory to save the converted model in."),
+        inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
+            False, "--resume", help="Continue an interrupted conversion into the same --out.")),
+        inspect.Parameter("overwrite", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
+            False, "--overwrite", help="Replace --out if it exists.")),
+        inspect.Parameter("as_json", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=JsonOpt),
+    ])
+
+
+# The variant options come from the registered families' configs, so a new family's options appear
+# here without touching this file.
+convert.__signature__ = _convert_signature()
+app.command()(convert)
 
 
 @app.command("eval")

@@ -3,22 +3,22 @@
 from __future__ import annotations
 
 import copy
-import inspect
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 
-from .api import additions_by_component, flops_by_component, weight_bytes
 from .arch import view
 from .data import load_paragraphs, training_text
-from .distill import DistillConfig, Progress, distill, tokenize
+from .distill import DistillConfig, distill, tokenize
 from .errors import CcliError
-from .hub import Loaded, load
+from .hub import load
 from .inputs import build_inputs
+from .loaded import Loaded
+from .measure.components import additions_by_component, flops_by_component, weight_bytes
 from .measure.fidelity import compare, ffn_fidelity
 from .measure.flops import count_flops
+from .progress import Progress
 from .variants import FAMILIES
-from .variants.base import DenseFFN
 
 
 def _ffn_flops_per_token(loaded: Loaded, seq: int = 128) -> int:
@@ -28,8 +28,9 @@ def _ffn_flops_per_token(loaded: Loaded, seq: int = 128) -> int:
     return round(flops_by_component(view(loaded.model), counted.by_module)["ffn"] / inputs["input_ids"].numel())
 
 
-def _progress_path(out: Path) -> Path:
-    return out.parent / f".{out.name}.ccli-progress.pt"
+def _progress_path(out: Path, step: int) -> Path:
+    """Where convert step `step` keeps its progress checkpoint: hidden, next to the output directory."""
+    return out.parent / f".{out.name}.ccli-progress.{step}.pt"
 
 
 def convert(
@@ -54,7 +55,10 @@ def convert(
     DistillConfig field (steps, e2e_steps, lr, seed, tokens, ...) as keyword arguments.
     Returns a record with the per-layer training errors, FFN FLOPs before/after and fidelity on
     held-out text; with `out`, the converted model is saved there (atomically) and reloads with
-    `ccli.load(out)`."""
+    `ccli.load(out)`.
+
+    Four stages: plan (settings merged and validated), steps (each convert step distilled in turn),
+    measure (FLOPs, weights, fidelity) and save."""
     plan = _plan(model, to, params, recipe, data, distill_options)
     if resume and out is None:
         raise CcliError("--resume needs --out: progress is kept next to the output directory")
@@ -65,17 +69,30 @@ def convert(
     teacher = load(plan["model"])
     if teacher.manifest is not None:
         raise CcliError(f"'{plan['model']}' is already a converted ccli model; convert its base model instead")
-    arch = view(teacher.model)
+    view(teacher.model)  # fail early on unsupported model families
     cfg = plan["distill"]
     train = training_text(plan["data"], cfg.short_spans, cfg.seed)
     heldout = load_paragraphs(plan["data"], "heldout")[:heldout_paragraphs]
     batches = tokenize(teacher.tokenizer, train, cfg.max_length)
-    heldout_batches = tokenize(teacher.tokenizer, heldout, cfg.max_length)
-
-    student = copy.deepcopy(teacher.model)
-    teacher_ffns = {i: DenseFFN.from_view(b.ffn) for i, b in enumerate(arch.blocks)}
     progress = Progress(enabled=show_progress)
-    reports, specs_by_kind = [], {"ffn": {}, "linear": {}}
+    student, units, reports = _run_steps(teacher, plan, batches, out_path, resume, progress)
+    record = _measure(teacher, student, plan, reports)
+    if evaluate_fidelity:
+        progress.log("measuring fidelity on held-out text")
+        record["fidelity"] = compare(student, teacher.model, teacher.tokenizer, heldout, cfg.max_length)
+        record["fidelity"].update(ffn_fidelity(student, teacher.model, tokenize(teacher.tokenizer, heldout, cfg.max_length)))
+    if out_path is not None:
+        record["out"] = str(_save(teacher, student, plan, units, record, out_path, overwrite))
+    return record
+
+
+def _run_steps(teacher: Loaded, plan: dict, batches: list[dict], out_path: Path | None, resume: bool,
+               progress: Progress) -> tuple:
+    """Distil every convert step into a copy of the teacher; returns (student, [(key, spec)] in
+    conversion order, the steps' reports)."""
+    student = copy.deepcopy(teacher.model)
+    cfg = plan["distill"]
+    units, reports = [], []
     for n, step in enumerate(plan["convert"]):
         variant = FAMILIES[step["to"]](**_variant_kwargs(step))
         # A step may convert only some blocks. End-to-end training runs once, after the last step, and
@@ -83,18 +100,22 @@ def convert(
         last = n == len(plan["convert"]) - 1
         step_cfg = replace(cfg, layers=step.get("layers", cfg.layers), e2e_steps=cfg.e2e_steps if last else 0)
         run_key = {"model": teacher.source, "variant": variant.spec(), "distill": asdict(step_cfg), "data": plan["data"], "step": n}
-        checkpoint = _progress_path(out_path).with_suffix(f".{n}.pt") if out_path else None
+        checkpoint = _progress_path(out_path, n) if out_path else None
         specs, report = distill(student, teacher.model, variant, batches, step_cfg, checkpoint=checkpoint,
                                 resume=resume, run_key=run_key, progress=progress, finalize=last)
-        specs_by_kind[variant.kind].update(specs)
+        units += specs.items()
         reports.append(report)
+    return student.eval(), units, reports
 
-    student_loaded = Loaded(student.eval(), teacher.tokenizer, f"{teacher.name} ({_describe(plan['convert'])})", "converted")
+
+def _measure(teacher: Loaded, student, plan: dict, reports: list) -> dict:
+    """What the conversion did: training errors, FFN FLOPs and weights before and after."""
+    student_loaded = Loaded(student, teacher.tokenizer, f"{teacher.name} ({_describe(plan['convert'])})", "converted")
     record = {
         "model": teacher.name,
         "source": teacher.source,
         "convert": plan["convert"],
-        "distill": asdict(cfg),
+        "distill": asdict(plan["distill"]),
         "data": plan["data"] or "bundled",
         "layers": [vars(r) for rep in reports for r in rep.layers],
         "e2e_loss_first": reports[-1].e2e_losses[0] if reports[-1].e2e_losses else None,
@@ -108,28 +129,27 @@ def convert(
     record["weight_bytes_dense"] = weight_bytes(teacher.model)
     record["weight_bytes"] = weight_bytes(student)
     record["adds_per_token"] = sum(additions_by_component(view(student)).values())
-    if evaluate_fidelity:
-        progress.log("measuring fidelity on held-out text")
-        record["fidelity"] = compare(student, teacher.model, teacher.tokenizer, heldout, cfg.max_length)
-        record["fidelity"].update(ffn_fidelity(student, teacher_ffns, heldout_batches))
-    if out_path is not None:
-        from .checkpoint import save_converted
-
-        manifest = {
-            "base_model": teacher.name,
-            "base_source": teacher.source,
-            "family": arch.family,
-            "convert": plan["convert"],
-            "layers": specs_by_kind["ffn"],  # block index -> spec of the module standing for its FFN
-            "linears": specs_by_kind["linear"],  # module path -> spec of the converted linear
-            "distill": asdict(cfg),
-            "data": plan["data"] or "bundled",
-            "fidelity": record.get("fidelity"),
-        }
-        record["out"] = str(save_converted(student, teacher.tokenizer, out_path, manifest, overwrite=overwrite))
-        for n in range(len(plan["convert"])):
-            _progress_path(out_path).with_suffix(f".{n}.pt").unlink(missing_ok=True)
     return record
+
+
+def _save(teacher: Loaded, student, plan: dict, units: list, record: dict, out_path: Path, overwrite: bool) -> Path:
+    """Write the converted model and its manifest; drop the progress checkpoints it no longer needs."""
+    from .checkpoint import save_converted
+
+    manifest = {
+        "base_model": teacher.name,
+        "base_source": teacher.source,
+        "family": view(teacher.model).family,
+        "convert": plan["convert"],
+        "units": [{"key": key, "spec": spec} for key, spec in units],  # in conversion order
+        "distill": asdict(plan["distill"]),
+        "data": plan["data"] or "bundled",
+        "fidelity": record.get("fidelity"),
+    }
+    saved = save_converted(student, teacher.tokenizer, out_path, manifest, overwrite=overwrite)
+    for n in range(len(plan["convert"])):
+        _progress_path(out_path, n).unlink(missing_ok=True)
+    return saved
 
 
 def _variant_kwargs(step: dict) -> dict:
@@ -160,14 +180,8 @@ def _plan(model, to, params, recipe, data, distill_options) -> dict:
         convert_steps[0].update({k: v for k, v in params.items() if v is not None})
     if not convert_steps:
         raise CcliError("say what to convert to: --to fff, or --recipe FILE")
-    for step in convert_steps:  # build once to validate the parameters early
-        family = FAMILIES[step["to"]]
-        allowed = inspect.signature(family.__init__).parameters
-        for key in _variant_kwargs(step):
-            if key not in allowed:
-                raise CcliError(f"--{key.replace('_', '-')} does not apply to {step['to']} "
-                                f"(its options: {', '.join('--' + k.replace('_', '-') for k in allowed if k != 'self')})")
-        family(**_variant_kwargs(step))
+    for step in convert_steps:  # validate the parameters early: the family's config checks them
+        FAMILIES[step["to"]].config.from_params(_variant_kwargs(step))
     known = {f.name for f in fields(DistillConfig)}
     unknown = set(distill_options) - known
     if unknown:
@@ -189,6 +203,5 @@ def evaluate(directory: str, *, data: str | None = None, heldout_paragraphs: int
     record = {"model": directory, "base_model": student.manifest["base_model"], "data": data or "bundled",
               "convert": student.manifest.get("convert")}
     record["fidelity"] = compare(student.model, teacher.model, teacher.tokenizer, heldout, max_length)
-    teacher_ffns = {i: DenseFFN.from_view(b.ffn) for i, b in enumerate(view(teacher.model).blocks)}
-    record["fidelity"].update(ffn_fidelity(student.model, teacher_ffns, tokenize(teacher.tokenizer, heldout, max_length)))
+    record["fidelity"].update(ffn_fidelity(student.model, teacher.model, tokenize(teacher.tokenizer, heldout, max_length)))
     return record

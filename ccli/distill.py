@@ -1,25 +1,25 @@
 """The distillation engine every variant family shares.
 
-A variant family names the *units* it replaces (`Variant.units`): whole FFNs (fff, moe) or single
-linear layers (ternary). Conversion runs in two stages, the same for every family:
-1. Unit by unit, in forward order. For each unit the engine collects its real inputs from the
+A variant family names the *units* it replaces (`Variant.units`): whole FFNs (fff, moe), single
+linear layers (ternary) or whole blocks (mod). Conversion runs in two stages, the same for every family:
+1. Unit by unit, in forward order. For each unit the engine captures its real inputs from the
    student as converted so far (earlier units already replaced, so each one learns to work with
-   what the converted units before it really produce): the first `tokens` real tokens of the
-   training batches, so the batches must come in random order (`data.training_text` shuffles the
-   text). It computes the dense teacher's outputs on those inputs, builds the new module from the
-   dense one (`unit.build`) and trains it to match (relative MSE). A progress checkpoint is written
+   what the converted units before it really produce; ccli.capture): the first `tokens` real tokens
+   of the training batches (token rows, or whole calls for block units), so the batches must come in
+   random order (`data.training_text` shuffles the text). It computes the teacher's outputs on those
+   inputs, builds the new module from the dense one (`unit.build`) and trains it to match (relative MSE). A progress checkpoint is written
    after every unit, and every two minutes during stage 2.
 2. Optionally end to end: all converted modules are trained together so that the student's hidden
    states match the teacher's on the same text: the final ones (`e2e_target="last"`), or every
    block's output (`"all"`, the mean of the blocks' relative errors), which keeps each block close to
    its teacher instead of letting later blocks compensate for earlier ones. Before it starts, every converted module's
-   `prepare_for_end_to_end()` (if it has one) may re-express its trainable state without changing
+   `prepare_for_end_to_end()` may re-express its trainable state without changing
    what it computes (ternary linears move their latent weights away from rounding thresholds).
-Finally every converted module's `finalize()` (if it has one) drops what only training needed
+Finally every converted module's `finalize()` drops what only training needed
 (unless `finalize=False`: a recipe's earlier steps keep it, so the last step's end-to-end stage can
 still train them).
 
-Progress goes to stderr (rich progress bars when stderr is a terminal). `resume=True` continues
+Progress goes to stderr (ccli.progress: bars on a terminal, a plain line every 30 s elsewhere). `resume=True` continues
 from the last checkpoint of an identical run.
 """
 
@@ -35,9 +35,12 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .arch import ArchView, view
+from .arch import view
+from .capture import TokenRows, capture
 from .errors import CcliError
-from .variants.base import Unit, Variant
+from .measure.fidelity import relative_error
+from .progress import Progress
+from .variants.base import Variant, converted_modules
 
 E2E_TARGETS = ("last", "all")
 
@@ -89,10 +92,6 @@ class DistillReport:
     seconds: float = 0.0
 
 
-class _Stop(Exception):
-    """Raised by a hook to end a forward pass once the wanted activations are captured."""
-
-
 def tokenize(tokenizer, paragraphs: list[str], max_length: int, batch_size: int = 32) -> list[dict]:
     """Paragraphs -> padded batches of (input_ids, attention_mask)."""
     if tokenizer is None:
@@ -107,60 +106,20 @@ def tokenize(tokenizer, paragraphs: list[str], max_length: int, batch_size: int 
     return batches
 
 
-def collect_ffn_inputs(model: nn.Module, arch: ArchView, layer: int, batches: list[dict], tokens: int) -> torch.Tensor:
-    """Up to `tokens` real (non-padding) inputs of block `layer`'s FFN: (tokens, H)."""
-    return collect_inputs(model, arch.blocks[layer].ffn.paths[0], batches, tokens)
-
-
-def collect_inputs(model: nn.Module, path: str, batches: list[dict], tokens: int) -> torch.Tensor:
-    """Up to `tokens` real (non-padding) inputs of the module at `path`: (tokens, features)."""
-    first = model.get_submodule(path)
-    captured: list[torch.Tensor] = []
-    count = 0
-    current_mask: dict = {}
-
-    def hook(module, args):
-        x = args[0]
-        mask = current_mask["mask"].reshape(-1).bool()
-        captured.append(x.detach().reshape(-1, x.shape[-1])[mask].float())
-        raise _Stop
-
-    handle = first.register_forward_pre_hook(hook)
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                current_mask["mask"] = batch["attention_mask"]
-                try:
-                    model(**batch)
-                except _Stop:
-                    pass
-                count += captured[-1].shape[0]
-                if count >= tokens:
-                    break
-    finally:
-        handle.remove()
-    return torch.cat(captured)[:tokens]
-
-
-def relative_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """||pred - target||^2 / ||target - mean(target)||^2: 0 is perfect, 1 is as bad as predicting the mean."""
-    centred = target - target.mean(0, keepdim=True)
-    return (pred - target).pow(2).sum() / centred.pow(2).sum().clamp_min(1e-12)
-
-
-def fit_layer(layer: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: DistillConfig, seed: int,
+def fit_layer(layer: nn.Module, x, y: torch.Tensor, cfg: DistillConfig, seed: int,
               on_step: Callable[[int, float], None] | None = None) -> tuple[float, float]:
-    """Train `layer` so that layer(x) matches y; returns (relative error before, after)."""
+    """Train `layer` so that its outputs on the captured inputs `x` (ccli.capture: `TokenRows`, or a
+    plain (tokens, features) tensor, or `BlockCalls`) match `y`; returns (relative error before, after)."""
+    x = TokenRows(x) if isinstance(x, torch.Tensor) else x
     generator = torch.Generator().manual_seed(seed)
     layer.train()
     params = [p for p in layer.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(cfg.steps, 1))
-    with torch.no_grad():
-        before = _eval_error(layer, x, y)
+    before = _eval_error(layer, x, y)
     for step in range(cfg.steps):
-        idx = torch.randint(0, x.shape[0], (min(cfg.batch_tokens, x.shape[0]),), generator=generator)
-        loss = relative_error(layer(x[idx]), y[idx])
+        idx = x.draw(generator, cfg.batch_tokens)
+        loss = relative_error(x.run(layer, idx), x.targets(y, idx))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -168,58 +127,17 @@ def fit_layer(layer: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: DistillCo
         if on_step:
             on_step(step, loss.item())
     layer.eval()
-    with torch.no_grad():
-        after = _eval_error(layer, x, y)
+    after = _eval_error(layer, x, y)
     return before, after
 
 
-def _eval_error(layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+def _eval_error(layer: nn.Module, x, y: torch.Tensor) -> float:
     was_training = layer.training
     layer.eval()
     with torch.no_grad():
-        err = relative_error(torch.cat([layer(chunk) for chunk in x.split(4096)]), y).item()
+        err = relative_error(x.run(layer), y).item()
     layer.train(was_training)
     return err
-
-
-class Progress:
-    """Rich progress on stderr when it is a terminal; one plain line per layer otherwise."""
-
-    def __init__(self, enabled: bool = True):
-        import sys
-
-        from rich.console import Console
-
-        self.console = Console(stderr=True)
-        self.live = enabled and sys.stderr.isatty()
-        self.enabled = enabled
-        self._progress = None
-
-    def __enter__(self):
-        if self.live:
-            from rich.progress import BarColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn
-
-            self._progress = RichProgress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[info]}"),
-                                          TimeElapsedColumn(), console=self.console, transient=True)
-            self._progress.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        if self._progress:
-            self._progress.__exit__(*exc)
-
-    def task(self, description: str, total: int):
-        if self._progress:
-            return self._progress.add_task(description, total=total, info="")
-        return description
-
-    def update(self, task, advance: int = 1, info: str = "") -> None:
-        if self._progress:
-            self._progress.update(task, advance=advance, info=info)
-
-    def log(self, message: str) -> None:
-        if self.enabled:
-            self.console.print(message, highlight=False)
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -268,29 +186,29 @@ def distill(
                 raise CcliError(f"block {block} has nothing left for {variant.name} to convert")
             for n, unit in enumerate(units):
                 if state and unit.key in state["modules"]:
-                    module = type(variant).skeleton(view(student).hidden_size, state["specs"][unit.key])
+                    module = type(variant).restore(view(student), unit.key, state["specs"][unit.key])
                     module.load_state_dict(state["modules"][unit.key])
-                    unit.install(module.eval())
+                    module.eval()
                     specs[unit.key] = state["specs"][unit.key]
                     report.layers.append(state["reports"][unit.key])
-                    progress.log(f"{_unit_name(unit)}: restored from checkpoint")
+                    progress.log(f"{unit.label}: restored from checkpoint")
                     continue
                 t0 = time.perf_counter()
-                x = collect_inputs(student, unit.capture_path, train_batches, cfg.tokens)
+                x = capture(student, unit, train_batches, cfg.tokens)
                 with torch.no_grad():
-                    y = unit.teacher(x)
+                    y = x.run(unit.teacher)
                 seed = cfg.seed + 1000 * block + n
-                module = unit.build(x, seed)
-                task = progress.task(_unit_name(unit), cfg.steps)
+                module = unit.build(x.data, seed)
+                task = progress.task(unit.label, cfg.steps)
                 before, after = fit_layer(module, x, y, cfg, seed=seed,
                                           on_step=lambda s, loss: progress.update(task, info=f"rel. error {loss:.4f}"))
                 unit.install(module.eval())
                 specs[unit.key] = unit.spec
-                unit_report = LayerReport(block, "ffn" if unit.kind == "ffn" else unit.key, before, after,
+                unit_report = LayerReport(block, unit.kind if unit.kind != "linear" else unit.key, before, after,
                                           time.perf_counter() - t0)
                 report.layers.append(unit_report)
-                progress.log(f"{_unit_name(unit)}: relative error {before:.4f} after init -> {after:.4f} after "
-                             f"{cfg.steps} steps ({unit_report.seconds:.1f}s, {x.shape[0]} tokens)")
+                progress.log(f"{unit.label}: relative error {before:.4f} after init -> {after:.4f} after "
+                             f"{cfg.steps} steps ({unit_report.seconds:.1f}s, {x.tokens} tokens)")
                 if checkpoint is not None:
                     state["modules"][unit.key] = module.state_dict()
                     state["specs"][unit.key] = unit.spec
@@ -301,14 +219,9 @@ def distill(
             report.e2e_losses, report.e2e_kept = end_to_end(student, teacher, train_batches, cfg, progress, saver)
     if finalize:
         for module in converted_modules(student):
-            if hasattr(module, "finalize"):
-                module.finalize()
+            module.finalize()
     report.seconds = time.perf_counter() - start
     return specs, report
-
-
-def _unit_name(unit: Unit) -> str:
-    return f"layer {unit.block} FFN" if unit.kind == "ffn" else unit.key
 
 
 def _load_progress(checkpoint: Path | None, run_key: dict | None):
@@ -321,11 +234,6 @@ def _load_progress(checkpoint: Path | None, run_key: dict | None):
     if state.get("key") != run_key:
         raise CcliError(f"the checkpoint {checkpoint} is from a run with different settings; delete it or drop --resume")
     return state
-
-
-def converted_modules(model: nn.Module) -> list[nn.Module]:
-    """Every module a variant put into `model` (they carry `is_ccli_module`)."""
-    return [m for m in model.modules() if getattr(m, "is_ccli_module", False)]
 
 
 def _hidden(out) -> torch.Tensor:
@@ -392,9 +300,8 @@ def end_to_end(student: nn.Module, teacher: nn.Module, batches: list[dict], cfg:
     restored = checkpoint.restored() if checkpoint else None
     probe_before = restored["probe_before"] if restored else _probe_error(student, teacher, probe, cfg.e2e_target)
     saved = [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in layers]
-    for m in layers:
-        if hasattr(m, "prepare_for_end_to_end"):  # after the snapshot: undoing restores the layer-wise result exactly
-            m.prepare_for_end_to_end()
+    for m in layers:  # after the snapshot: undoing restores the layer-wise result exactly
+        m.prepare_for_end_to_end()
         m.train()  # each family's training path (FFF: hard-routed masked; ternary: straight-through)
     optimizer = torch.optim.Adam(params, lr=cfg.e2e_lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.e2e_steps)

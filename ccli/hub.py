@@ -16,13 +16,13 @@ import json
 import os
 import socket
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
 
 from .errors import CcliError
+from .loaded import Loaded, model_class
 
 DEFAULT_MODEL = "minilm"
 
@@ -40,18 +40,6 @@ ALIASES: dict[str, str] = {
     "tinyllama": "TinyLlama/TinyLlama-1.1B-Chat-v1.0",
 }
 CONFIG_DIR = Path(__file__).parent / "configs"
-
-
-@dataclass
-class Loaded:
-    """A loaded model and what ccli knows about where it came from."""
-
-    model: torch.nn.Module
-    tokenizer: object | None
-    name: str  # what the user asked for
-    source: str  # directory or Hub id the weights came from ("random-init" when none)
-    random_init: bool = False
-    manifest: dict | None = None  # what ccli converted, when this is a converted checkpoint
 
 
 def embedded_model_dir() -> Path:
@@ -150,15 +138,6 @@ def shipped_config(name: str):
     return AutoConfig.for_model(model_type, **data)
 
 
-def _model_class(config):
-    """Base model for encoders (what sentence embedders use), causal LM for decoders."""
-    from transformers import AutoModel, AutoModelForCausalLM
-
-    if getattr(config, "is_decoder", False) or config.model_type in ("gpt2", "llama", "mistral", "qwen2"):
-        return AutoModelForCausalLM
-    return AutoModel
-
-
 def load(
     name: str | None = None,
     *,
@@ -182,7 +161,7 @@ def load(
     if random_init:
         config = shipped_config(name)
         torch.manual_seed(seed)
-        model = _model_class(config).from_config(config, **extra)
+        model = model_class(config).from_config(config, **extra)
         tokenizer = _embedded_tokenizer_if_compatible(config)
         return Loaded(model.eval(), tokenizer, name, "random-init", random_init=True)
 
@@ -194,7 +173,7 @@ def load(
     config = _from_pretrained(AutoConfig.from_pretrained, location, name, kind)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = _from_pretrained(_model_class(config).from_pretrained, location, name, kind, config=config, **extra)
+        model = _from_pretrained(model_class(config).from_pretrained, location, name, kind, config=config, **extra)
     try:
         tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, location, name, kind)
     except CcliError:

@@ -17,7 +17,6 @@ Every key is checked: a misspelt or misplaced key is a one-line error that names
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import fields
 from pathlib import Path
 
@@ -30,9 +29,8 @@ TOP_LEVEL = {"model", "data", "convert", "distill", "description"}
 
 
 def _variant_params(family) -> dict[str, type]:
-    """A family's parameters and their types (the type of each default value)."""
-    signature = inspect.signature(family.__init__)
-    return {n: type(p.default) for n, p in signature.parameters.items() if n != "self"}
+    """A family's parameters (its config's fields) and their types (the type of each default value)."""
+    return {f.name: type(f.default) for f in family.config.options()}
 
 
 def load_recipe(path: str | Path) -> dict:

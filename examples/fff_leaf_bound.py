@@ -20,7 +20,9 @@ from torch import nn
 
 from ccli.arch import view
 from ccli.data import load_paragraphs, training_text
-from ccli.distill import collect_inputs, relative_error, tokenize
+from ccli.capture import collect_inputs
+from ccli.distill import tokenize
+from ccli.measure.fidelity import relative_error
 from ccli.hub import load
 from ccli.kernels.fff import leaf_activations
 from ccli.variants.base import DenseFFN, apply_activation

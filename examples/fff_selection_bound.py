@@ -19,16 +19,17 @@ from torch import nn
 
 from ccli.arch import view
 from ccli.data import load_paragraphs, training_text
-from ccli.distill import DistillConfig, Progress, end_to_end, tokenize
+from ccli.distill import DistillConfig, end_to_end, tokenize
 from ccli.hub import load
 from ccli.measure.fidelity import compare
-from ccli.variants.base import DenseFFN, apply_activation
+from ccli.progress import Progress
+from ccli.variants.base import ConvertedModule, DenseFFN, apply_activation
 
 
-class TopKFFN(nn.Module):
+class TopKFFN(ConvertedModule):
     """A dense FFN that keeps only each token's top-k contributing neurons (trainable)."""
 
-    is_ccli_module = True  # the distillation engine trains modules that carry this mark
+    unit_kind = "ffn"  # the distillation engine trains every ConvertedModule
 
     def __init__(self, dense: DenseFFN, k: int):
         super().__init__()

@@ -39,7 +39,8 @@ def test_distillation_improves_on_the_initialisation(converted):
 def test_saved_model_reloads_to_identical_outputs(converted):
     _, trained, out = converted
     manifest = json.loads((out / "ccli.json").read_text())
-    assert manifest["base_model"] == "minilm" and set(manifest["layers"]) == {str(i) for i in range(6)}
+    assert manifest["base_model"] == "minilm" and manifest["format"] == 2
+    assert [(u["key"], u["spec"]["variant"]) for u in manifest["units"]] == [(str(i), "fff") for i in range(6)]
     model, tokenizer = ccli.load(str(out))
     again, _ = ccli.load(str(out))
     enc = tokenizer(["Saving must not change a single bit."], return_tensors="pt")
@@ -176,7 +177,9 @@ def test_a_recipes_end_to_end_stage_trains_every_steps_modules(tmp_path, one_thr
         # the ternary weights themselves (their scales follow the latent weights), not only the bias
         assert not torch.equal(a.get_submodule(path).scale, b.get_submodule(path).scale), f"{path} was not trained"
     manifest = json.loads((tmp_path / "b" / "ccli.json").read_text())
-    assert set(manifest["layers"]) == {"0"} and len(manifest["linears"]) == 2
+    # in conversion order: the recipe's first step (ternary, block 1) before its second (fff, block 0)
+    assert [(u["key"], u["spec"]["variant"]) for u in manifest["units"]] == [
+        ("encoder.layer.1.intermediate.dense", "ternary"), ("encoder.layer.1.output.dense", "ternary"), ("0", "fff")]
     assert layerwise["layers"][0]["final_rel_error"] == trained["layers"][0]["final_rel_error"]
 
 
@@ -185,7 +188,7 @@ def test_convert_cli_errors():
     result = runner.invoke(app, ["convert", "--to", "fff", "--resume"])
     assert result.exit_code == 2 and "--resume needs --out" in result.stderr
     result = runner.invoke(app, ["convert", "--to", "fff", "--depth", "-1"])
-    assert result.exit_code == 2 and "depth must be an integer >= 0" in result.stderr
+    assert result.exit_code == 2 and "--depth must be from 0 to 20" in result.stderr
     result = runner.invoke(app, ["convert", "--to", "fff", "--short-spans", "-1"])
     assert result.exit_code == 2 and "--short-spans must be a number from 0 to 4" in result.stderr
     result = runner.invoke(app, ["convert", "--to", "fff", "--e2e-target", "first"])

@@ -36,7 +36,7 @@ def test_distillation_beats_post_training_ternarisation(converted):
 def test_saved_ternary_model_is_packed_and_reloads_identically(converted):
     _, trained, out = converted
     manifest = json.loads((out / "ccli.json").read_text())
-    assert manifest["layers"] == {} and len(manifest["linears"]) == 12
+    assert len(manifest["units"]) == 12 and {u["spec"]["variant"] for u in manifest["units"]} == {"ternary"}
     assert trained["weight_bytes"] < trained["weight_bytes_dense"]
     model, tokenizer = ccli.load(str(out))
     state = model.state_dict()

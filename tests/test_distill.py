@@ -5,7 +5,8 @@ import copy
 import pytest
 import torch
 
-from ccli.distill import DistillConfig, compared_states, distill, hidden_state_error, relative_error
+from ccli.distill import DistillConfig, compared_states, distill, hidden_state_error
+from ccli.measure.fidelity import relative_error
 from ccli.errors import CcliError
 from ccli.variants.ternary import TernaryVariant
 

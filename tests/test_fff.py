@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from ccli.api import flops_by_component
+from ccli.measure.components import flops_by_component
 from ccli.arch import view
 from ccli.measure.flops import count_flops, torch_flop_count
 from ccli.measure.neurons import active_neurons
@@ -218,13 +218,15 @@ def test_active_neurons_come_from_the_routing():
 def test_bad_shapes_are_clear_errors():
     from ccli.errors import CcliError
 
-    with pytest.raises(CcliError, match="depth must be an integer >= 0"):
+    with pytest.raises(CcliError, match=r"fff: --depth must be from 0 to 20 \(got -1\)"):
         FFFVariant(depth=-1)
-    with pytest.raises(CcliError, match="leaf-width must be an integer >= 1"):
+    with pytest.raises(CcliError, match=r"fff: --leaf-width must be >= 1 \(got 0\)"):
         FFFVariant(leaf_width=0)
-    with pytest.raises(CcliError, match="too deep"):
+    with pytest.raises(CcliError, match=r"fff: --depth must be from 0 to 20 \(got 25\)"):
         FFFVariant(depth=25)
     with pytest.raises(CcliError, match="leaf-linear 5 is more than the leaf width 4"):
         FFFVariant(leaf_width=4, leaf_linear=5)
-    with pytest.raises(CcliError, match="leaf-linear must be an integer >= 0"):
+    with pytest.raises(CcliError, match=r"fff: --leaf-linear must be >= 0 \(got -1\)"):
         FFFVariant(leaf_linear=-1)
+    with pytest.raises(CcliError, match=r"fff: --trees must be an integer \(got 1.5\)"):
+        FFFVariant(trees=1.5)

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from ccli.api import flops_by_component, profile
+from ccli.api import profile
+from ccli.measure.components import flops_by_component
 from ccli.arch import view
 from ccli.hub import load
 from ccli.inputs import build_inputs

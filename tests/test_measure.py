@@ -58,7 +58,7 @@ def test_fidelity_is_perfect_for_the_original_and_sees_short_inputs():
 
 
 def test_ffn_fidelity_pools_errors_but_weighs_every_token_alike_in_the_cosine():
-    from ccli.distill import collect_ffn_inputs
+    from ccli.capture import collect_ffn_inputs
     from ccli.measure.fidelity import ffn_fidelity
     from ccli.variants.base import DenseFFN
     from ccli.variants.fff import FFFVariant
@@ -79,7 +79,7 @@ def test_ffn_fidelity_pools_errors_but_weighs_every_token_alike_in_the_cosine():
     arch.blocks[0].ffn.replace(halved.eval())
     arch.blocks[1].ffn.replace(exact.eval())
 
-    result = ffn_fidelity(student, dense, batches)
+    result = ffn_fidelity(student, teacher, batches)
 
     x = collect_ffn_inputs(student, arch, 0, batches, 10**6)
     assert x.shape[0] == int(mask.sum())  # padding is left out

@@ -2,6 +2,8 @@
 tiny models of every family: quantisation, straight-through training, finalising, the units each
 `--targets` picks, additions counting, and save/reload to bit-identical outputs."""
 
+import json
+
 import pytest
 import torch
 from torch import nn
@@ -196,7 +198,7 @@ def test_converted_tiny_model_saves_and_reloads_bit_identically(family, tmp_path
     kept = {name: m.outliers for name, m in student.named_modules() if m in modules}
     assert kept == {name: int(name in block0) for name in kept}
     manifest = {"base_model": family, "base_source": "tiny", "family": family, "convert": [{"to": "ternary"}],
-                "layers": {}, "linears": specs}
+                "units": [{"key": key, "spec": spec} for key, spec in specs.items()]}
     save_converted(student, None, tmp_path / "out", manifest)
     again = load_converted(tmp_path / "out").model
     assert {name: m.outliers for name, m in again.named_modules() if isinstance(m, TernaryLinear)} == kept
@@ -205,8 +207,15 @@ def test_converted_tiny_model_saves_and_reloads_bit_identically(family, tmp_path
         a, b = student(**ids), again(**ids)
     key = "logits" if family != "bert" else "last_hidden_state"
     assert torch.equal(getattr(a, key), getattr(b, key))
+    # a manifest of format 1 (ccli 0.2.0 and before: FFN specs under 'layers', linears under 'linears') still loads
+    old = json.loads((tmp_path / "out" / "ccli.json").read_text())
+    old.update(format=1, layers={}, linears=dict(specs))
+    del old["units"]
+    (tmp_path / "out" / "ccli.json").write_text(json.dumps(old))
+    with torch.inference_mode():
+        assert torch.equal(getattr(load_converted(tmp_path / "out").model(**ids), key), getattr(a, key))
     # the profile counts the ternary weight products as additions, by component
-    from ccli.api import additions_by_component
+    from ccli.measure.components import additions_by_component
 
     adds = additions_by_component(view(again))
     assert adds["ffn"] == LAYERS * (3 if family == "llama" else 2) * HIDDEN * WIDTH
@@ -227,16 +236,18 @@ def test_ternary_ffn_linears_keep_the_ffn_dense_in_the_view():
 
 
 def test_bad_options_are_clear_errors():
-    with pytest.raises(CcliError, match="targets must be one of"):
+    with pytest.raises(CcliError, match=r"ternary: --targets must be one of ffn, attention, all \(got 'heads'\)"):
         TernaryVariant(targets="heads")
-    with pytest.raises(CcliError, match="act-bits must be 8 or 16"):
+    with pytest.raises(CcliError, match=r"ternary: --act-bits must be one of 8, 16 \(got 4\)"):
         TernaryVariant(act_bits=4)
-    with pytest.raises(CcliError, match="scale must be one of"):
+    with pytest.raises(CcliError, match="ternary: --scale must be one of tensor, channel, group"):
         TernaryVariant(scale="row")
-    with pytest.raises(CcliError, match="group-size must be a positive integer"):
+    with pytest.raises(CcliError, match=r"ternary: --group-size must be >= 1 \(got 0\)"):
         TernaryVariant(group_size=0)
-    with pytest.raises(CcliError, match="outliers must be a non-negative integer"):
+    with pytest.raises(CcliError, match=r"ternary: --outliers must be >= 0 \(got -1\)"):
         TernaryVariant(outliers=-1)
+    with pytest.raises(CcliError, match=r"ternary: --outliers must be an integer \(got True\)"):
+        TernaryVariant(outliers=True)
 
 
 def test_end_to_end_training_that_makes_things_worse_is_undone():

@@ -22,11 +22,16 @@ import torch
 from torch import nn
 
 from ..arch import view
-from ..distill import relative_error
-from ..variants.base import DenseFFN
-
+from ..capture import collect_ffn_inputs
+from ..errors import CcliError
 
 SHORT_WORDS = 6
+
+
+def relative_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """||pred - target||^2 / ||target - mean(target)||^2: 0 is perfect, 1 is as bad as predicting the mean."""
+    centred = target - target.mean(0, keepdim=True)
+    return (pred - target).pow(2).sum() / centred.pow(2).sum().clamp_min(1e-12)
 
 
 def _halves(paragraphs: list[str]) -> tuple[list[str], list[str]]:
@@ -56,26 +61,24 @@ def _encode(model, tokenizer, texts: list[str], max_length: int, batch_size: int
     return torch.cat(pooled), outputs
 
 
-def ffn_fidelity(student: nn.Module, teacher_ffns: dict[int, DenseFFN], batches: list[dict]) -> dict:
-    """Each converted FFN (replaced whole, or with converted linears inside) against its dense teacher,
-    on the student's own inputs (every real token of `batches`):
+def ffn_fidelity(student: nn.Module, teacher: nn.Module, batches: list[dict]) -> dict:
+    """Each converted FFN (replaced whole, or with converted linears inside) against the teacher
+    model's FFN in the same block, on the student's own inputs (every real token of `batches`):
     {"ffn_rel_error": {layer: e}, "ffn_token_cosine": {layer: c}}.
 
     The relative error pools squared errors over all tokens, so the few tokens with very large FFN
     outputs dominate it: in all-MiniLM-L6-v2's blocks 0-2, [CLS] and [SEP] hold 80-94% of the output
     variance, and a converted layer with relative error 0.03 there can still miss ordinary tokens badly
     (median per-token error 0.4). The mean per-token cosine weighs every token alike and shows that."""
-    from ..distill import collect_ffn_inputs
-
-    arch = view(student)
+    arch, dense = view(student), view(teacher)
     errors, cosines = {}, {}
-    for i, dense in teacher_ffns.items():
-        ffn = arch.blocks[i].ffn
+    for i, block in enumerate(arch.blocks):
+        ffn = block.ffn
         if not ffn.converted:
             continue
         x = collect_ffn_inputs(student, arch, i, batches, sys.maxsize)
         with torch.inference_mode():
-            pred, target = ffn.run(x), dense(x)
+            pred, target = ffn.run(x), dense.blocks[i].ffn.run(x)
             errors[i] = round(relative_error(pred, target).item(), 5)
             cosines[i] = round(nn.functional.cosine_similarity(pred, target, dim=-1).mean().item(), 5)
     return {"ffn_rel_error": errors, "ffn_token_cosine": cosines}
@@ -85,8 +88,6 @@ def compare(student: nn.Module, teacher: nn.Module, tokenizer, paragraphs: list[
     """Fidelity of `student` to `teacher` on `paragraphs` (see module doc)."""
     queries, docs = _halves(paragraphs)
     if len(queries) < 2:
-        from ..errors import CcliError
-
         raise CcliError("fidelity needs at least two held-out paragraphs of 8 or more words")
     t_query, t_out = _encode(teacher, tokenizer, queries, max_length)
     s_query, s_out = _encode(student, tokenizer, queries, max_length)

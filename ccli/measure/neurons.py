@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import torch
 
 from ..arch import ArchView
+from ..variants.base import ConvertedModule
 
 
 @contextmanager
@@ -23,14 +24,14 @@ def record_activations(arch: ArchView):
     for i, block in enumerate(arch.blocks):
         ffn = block.ffn
         if ffn.replaced is not None:
-            if hasattr(ffn.replaced, "neuron_counts"):
-
-                def hook(module, args, output, i=i):
-                    computed, positive = module.neuron_counts(args[0])
+            def hook(module, args, output, i=i):
+                counts = module.neuron_counts(args[0]) if isinstance(module, ConvertedModule) else None
+                if counts is not None:
+                    computed, positive = counts
                     records[i]["computed"] = computed.reshape(-1)
                     records[i]["positive"] = positive.reshape(-1)
 
-                handles.append(ffn.replaced.register_forward_hook(hook))
+            handles.append(ffn.replaced.register_forward_hook(hook))
             continue
 
         def act_hook(module, args, output, i=i, width=ffn.width):

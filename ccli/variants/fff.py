@@ -33,12 +33,16 @@ Conversion from a dense FFN (`FFFVariant.init_from_dense`), in the spirit of MoE
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from ..errors import CcliError
 from ..kernels.fff import fff, leaf_activations
-from .base import DenseFFN, FFNVariant, apply_activation
+from .base import ConvertedModule, DenseFFN, FFNVariant, VariantConfig, apply_activation, option
+
+MAX_DEPTH = 20  # 2^20 leaves per tree: deeper trees do not fit in memory at any useful width
 
 
 def neurons_per_tree(depth: int, leaf_width: int) -> int:
@@ -61,19 +65,18 @@ def walk(z_nodes: torch.Tensor, depth: int) -> tuple[torch.Tensor, torch.Tensor]
     return path, node.squeeze(-1) - (2**depth - 1)
 
 
-class FFF(nn.Module):
+class FFF(ConvertedModule):
     """K fast feedforward trees of depth D with leaves of W neurons (see module doc)."""
 
-    is_ccli_ffn = True
-    is_ccli_module = True
+    unit_kind = "ffn"
 
     def __init__(self, hidden_size: int, trees: int = 1, depth: int = 11, leaf_width: int = 1,
                  activation: str = "gelu", output_bias: bool = True, leaf_linear: int = 0):
         super().__init__()
         if trees < 1 or depth < 0 or leaf_width < 1:
             raise CcliError(f"FFF needs trees >= 1, depth >= 0 and leaf width >= 1 (got {trees}, {depth}, {leaf_width})")
-        if depth > 20:
-            raise CcliError(f"FFF depth {depth} is too deep (2^{depth} leaves); use depth <= 20")
+        if depth > MAX_DEPTH:
+            raise CcliError(f"FFF depth {depth} is too deep (2^{depth} leaves); use depth <= {MAX_DEPTH}")
         if not 0 <= leaf_linear <= leaf_width:
             raise CcliError(f"FFF leaf-linear must be from 0 to the leaf width {leaf_width} (got {leaf_linear})")
         self.hidden_size, self.trees, self.depth, self.leaf_width = hidden_size, trees, depth, leaf_width
@@ -340,20 +343,27 @@ def _fit_leaf_linear(layer: FFF, dense: DenseFFN, x: torch.Tensor) -> None:
     layer._kernel_cache = None  # the weights changed through .data, which the kernel's cache cannot see
 
 
+@dataclass
+class FFFConfig(VariantConfig):
+    family = "fff"
+    trees: int = option(1, "parallel trees per layer", low=1)
+    depth: int = option(3, "tree depth (routing decisions per token)", low=0, high=MAX_DEPTH)
+    leaf_width: int = option(1, "neurons per leaf (1 = UltraFastBERT)", low=1)
+    leaf_linear: int = option(0, "how many of each leaf's neurons are linear (no activation)", low=0)
+
+    def check(self) -> None:
+        if self.leaf_linear > self.leaf_width:
+            raise CcliError(f"fff: leaf-linear {self.leaf_linear} is more than the leaf width {self.leaf_width} (the "
+                            "linear neurons are part of each leaf)")
+
+
 class FFFVariant(FFNVariant):
     name = "fff"
+    config = FFFConfig
 
-    def __init__(self, trees: int = 1, depth: int = 3, leaf_width: int = 1, leaf_linear: int = 0):
-        for key, value, low in (("trees", trees, 1), ("depth", depth, 0), ("leaf_width", leaf_width, 1),
-                                ("leaf_linear", leaf_linear, 0)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise CcliError(f"fff: {key.replace('_', '-')} must be an integer >= {low} (got {value!r})")
-        if depth > 20:
-            raise CcliError(f"fff: depth {depth} is too deep (2^{depth} leaves); use depth <= 20")
-        if leaf_linear > leaf_width:
-            raise CcliError(f"fff: leaf-linear {leaf_linear} is more than the leaf width {leaf_width} (the linear "
-                            "neurons are part of each leaf)")
-        super().__init__(trees=trees, depth=depth, leaf_width=leaf_width, leaf_linear=leaf_linear)
+    def check_dense(self, dense: DenseFFN) -> None:
+        if dense.gated:
+            raise CcliError("fff: gated FFNs (LLaMA family) are not supported yet: their neurons are act(gate)*up pairs")
 
     @classmethod
     def skeleton(cls, hidden_size: int, spec: dict) -> FFF:

@@ -30,12 +30,13 @@ latent weights in their quantisation bins: see `TernaryLinear.recentre_latent`).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..errors import CcliError
-from .base import LinearVariant
+from .base import ConvertedModule, LinearVariant, VariantConfig, option
 
 GRANULARITIES = ("tensor", "channel", "group")
 TARGETS = ("ffn", "attention", "all")
@@ -47,11 +48,10 @@ def _kernels():
     return ternary
 
 
-class TernaryLinear(nn.Module):
+class TernaryLinear(ConvertedModule):
     """y = x W^T + b with W ternary times scales; see the module doc."""
 
-    is_ccli_module = True
-    is_ccli_linear = True
+    unit_kind = "linear"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, granularity: str = "tensor",
                  group_size: int = 128, act_bits: int = 8, outliers: int = 0):
@@ -259,22 +259,19 @@ def ternary_modules(model: nn.Module) -> list[TernaryLinear]:
     return [m for m in model.modules() if isinstance(m, TernaryLinear)]
 
 
+@dataclass
+class TernaryConfig(VariantConfig):
+    family = "ternary"
+    targets: str = option("all", "which linears: ffn, attention or all", choices=TARGETS)
+    act_bits: int = option(8, "8 (int8 activations) or 16 (float, weight-only)", choices=(8, 16))
+    scale: str = option("tensor", "weight scale per tensor, channel or group", choices=GRANULARITIES)
+    group_size: int = option(128, "input columns per scale with --scale group", low=1)
+    outliers: int = option(0, "weights per linear kept in float, the largest against their scale", low=0)
+
+
 class TernaryVariant(LinearVariant):
     name = "ternary"
-
-    def __init__(self, targets: str = "all", act_bits: int = 8, scale: str = "tensor", group_size: int = 128,
-                 outliers: int = 0):
-        if targets not in TARGETS:
-            raise CcliError(f"ternary: targets must be one of {', '.join(TARGETS)} (got {targets!r})")
-        if scale not in GRANULARITIES:
-            raise CcliError(f"ternary: scale must be one of {', '.join(GRANULARITIES)} (got {scale!r})")
-        if act_bits not in (8, 16):
-            raise CcliError(f"ternary: act-bits must be 8 or 16 (got {act_bits!r})")
-        if not isinstance(group_size, int) or group_size < 1:
-            raise CcliError(f"ternary: group-size must be a positive integer (got {group_size!r})")
-        if not isinstance(outliers, int) or isinstance(outliers, bool) or outliers < 0:
-            raise CcliError(f"ternary: outliers must be a non-negative integer (got {outliers!r})")
-        super().__init__(targets=targets, act_bits=act_bits, scale=scale, group_size=group_size, outliers=outliers)
+    config = TernaryConfig
 
     @classmethod
     def skeleton(cls, hidden_size: int, spec: dict) -> TernaryLinear:
