@@ -8,7 +8,7 @@ Python API (the CLI is a thin layer over these):
 
 from __future__ import annotations
 
-__version__ = "0.2.0"
+from ._version import __version__
 
 from .errors import CcliError
 

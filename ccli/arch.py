@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .errors import CcliError
-from .variants.base import is_converted
+from .variants.module import is_converted
 
 
 def linear_weight(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from ._version import __version__
 from .arch import view
 from .errors import CcliError
 from .loaded import Loaded, model_class

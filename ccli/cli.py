@@ -14,7 +14,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
-from . import __version__
+from ._version import __version__
 from .errors import CcliError
 
 app = typer.Typer(

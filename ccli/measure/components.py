@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..arch import ArchView
-from ..variants.base import ConvertedModule
+from ..variants.module import ConvertedModule
 
 
 def _param_count(module: torch.nn.Module, seen: set[int]) -> int:

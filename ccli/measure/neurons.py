@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import torch
 
 from ..arch import ArchView
-from ..variants.base import ConvertedModule
+from ..variants.module import ConvertedModule
 
 
 @contextmanager

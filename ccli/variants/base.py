@@ -9,8 +9,8 @@ A family is three things, all declared here and written in its own `variants/<na
   inputs are captured (token rows for FFNs and linears; whole sequences with the attention mask and
   the block's keyword arguments for blocks, see ccli.capture); how the new module is built from the
   dense one; and how it is rebuilt empty on reload (`restore`);
-- the **module** it puts into the model, a `ConvertedModule`: one protocol for finalize, preparation
-  for end-to-end training, and the work it does per token.
+- the **module** it puts into the model, a `ConvertedModule` (ccli.variants.module): one protocol
+  for finalize, preparation for end-to-end training, and the work it does per token.
 
 `ccli.variants.register(MyVariant)` (one line in `variants/__init__.py`) makes `--to NAME`, its
 options, its recipe keys and its reload work everywhere.
@@ -28,72 +28,12 @@ from torch import nn
 
 from ..errors import CcliError
 from ..kernels.activations import ACTIVATIONS, activation_name, apply_activation  # noqa: F401  (re-exported)
+from .module import ConvertedModule, converted_modules, is_converted, wrap_block  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:
     from ..arch import ArchView
 
 UNIT_KINDS = ("ffn", "linear", "block")
-
-
-# -- the converted module ------------------------------------------------------------------------
-
-
-class ConvertedModule(nn.Module):
-    """What every module a variant puts into a model provides (defaults: nothing to do, no work).
-
-    - `unit_kind`: "ffn" (stands for a whole FFN: maps (..., H) to (..., H)), "linear" (stands for
-      one linear layer: `in_features`, `out_features`, `bias` and `dense_weight()`, the effective
-      (out, in) weight), or "block" (a whole block that keeps the block's own parts at their paths:
-      build it with `wrap_block`, so that profile, bench and reload still find its attention and FFN);
-    - `finalize()`: drop what only training needed (called once conversion is done);
-    - `prepare_for_end_to_end()`: re-express the trainable state before end-to-end training, without
-      changing what the module computes;
-    - work per token: `neuron_counts(x)` -> (computed, positive) neurons per token or None,
-      `total_neurons` (neurons held), `adds_per_token` (additions standing for multiplications).
-    """
-
-    unit_kind: ClassVar[str] = ""
-
-    def finalize(self) -> None:
-        pass
-
-    def prepare_for_end_to_end(self) -> None:
-        pass
-
-    def neuron_counts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        return None
-
-    @property
-    def total_neurons(self) -> int:
-        return 0
-
-    @property
-    def adds_per_token(self) -> int:
-        return 0
-
-
-def is_converted(module: nn.Module, kind: str | None = None) -> bool:
-    return isinstance(module, ConvertedModule) and (kind is None or module.unit_kind == kind)
-
-
-def converted_modules(model: nn.Module) -> list[ConvertedModule]:
-    """Every module a variant put into `model`, in module order."""
-    return [m for m in model.modules() if isinstance(m, ConvertedModule)]
-
-
-_WRAPPED_CLASSES: dict[tuple[type, type], type] = {}
-
-
-def wrap_block(wrapper: type, block: nn.Module) -> nn.Module:
-    """`block` turned into a `wrapper` (a ConvertedModule of unit_kind "block") in place: its class
-    becomes a subclass of both, so it keeps its parts at the same paths, `super().forward` inside the
-    wrapper runs the original block, and transformers still records its output as the block's hidden
-    state (it hooks blocks by their class). The caller adds the wrapper's own parameters."""
-    key = (wrapper, type(block))
-    if key not in _WRAPPED_CLASSES:
-        _WRAPPED_CLASSES[key] = type(f"{wrapper.__name__}[{type(block).__name__}]", (wrapper, type(block)), {})
-    block.__class__ = _WRAPPED_CLASSES[key]
-    return block
 
 
 # -- the config ------------------------------------------------------------------------------------

@@ -1,0 +1,68 @@
+"""What every module a variant family puts into a model provides: `ConvertedModule`, the one
+protocol the engine, the measurements and reload rely on (see ccli.variants.base for the rest of a
+family). It imports nothing of ccli, so the architecture view can use it too."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+
+class ConvertedModule(nn.Module):
+    """What every module a variant puts into a model provides (defaults: nothing to do, no work).
+
+    - `unit_kind`: "ffn" (stands for a whole FFN: maps (..., H) to (..., H)), "linear" (stands for
+      one linear layer: `in_features`, `out_features`, `bias` and `dense_weight()`, the effective
+      (out, in) weight), or "block" (a whole block that keeps the block's own parts at their paths:
+      build it with `wrap_block`, so that profile, bench and reload still find its attention and FFN);
+    - `finalize()`: drop what only training needed (called once conversion is done);
+    - `prepare_for_end_to_end()`: re-express the trainable state before end-to-end training, without
+      changing what the module computes;
+    - work per token: `neuron_counts(x)` -> (computed, positive) neurons per token or None,
+      `total_neurons` (neurons held), `adds_per_token` (additions standing for multiplications).
+    """
+
+    unit_kind: ClassVar[str] = ""
+
+    def finalize(self) -> None:
+        pass
+
+    def prepare_for_end_to_end(self) -> None:
+        pass
+
+    def neuron_counts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None
+
+    @property
+    def total_neurons(self) -> int:
+        return 0
+
+    @property
+    def adds_per_token(self) -> int:
+        return 0
+
+
+def is_converted(module: nn.Module, kind: str | None = None) -> bool:
+    return isinstance(module, ConvertedModule) and (kind is None or module.unit_kind == kind)
+
+
+def converted_modules(model: nn.Module) -> list[ConvertedModule]:
+    """Every module a variant put into `model`, in module order."""
+    return [m for m in model.modules() if isinstance(m, ConvertedModule)]
+
+
+_WRAPPED_CLASSES: dict[tuple[type, type], type] = {}
+
+
+def wrap_block(wrapper: type, block: nn.Module) -> nn.Module:
+    """`block` turned into a `wrapper` (a ConvertedModule of unit_kind "block") in place: its class
+    becomes a subclass of both, so it keeps its parts at the same paths, `super().forward` inside the
+    wrapper runs the original block, and transformers still records its output as the block's hidden
+    state (it hooks blocks by their class). The caller adds the wrapper's own parameters."""
+    key = (wrapper, type(block))
+    if key not in _WRAPPED_CLASSES:
+        _WRAPPED_CLASSES[key] = type(f"{wrapper.__name__}[{type(block).__name__}]", (wrapper, type(block)), {})
+    block.__class__ = _WRAPPED_CLASSES[key]
+    return block
