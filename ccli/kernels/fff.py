@@ -31,9 +31,8 @@ Dispatch cost: once the native extension has loaded, CPU calls go from the dispa
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from ccli.kernels import native
+from ccli.kernels import activations, native
 from ccli.kernels.backends import BACKENDS, BackendSelector
 
 __all__ = [
@@ -50,14 +49,8 @@ __all__ = [
     "use_backend",
 ]
 
-ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
-
-_ACT_FNS = {
-    "gelu": F.gelu,
-    "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
-    "relu": F.relu,
-    "silu": F.silu,
-}
+ACTIVATIONS = activations.NAMES  # the one activation table: ccli.kernels.activations
+_ACT_FNS = activations.FUNCTIONS
 
 
 def fff_rows(trees: int, depth: int, leaf_width: int) -> int:
