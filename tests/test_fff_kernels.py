@@ -414,7 +414,7 @@ def test_native_build_failure_warns_once(monkeypatch):
         builds.append(1)
         raise OSError("no C++ compiler (simulated)")
 
-    monkeypatch.setattr(native, "_build", failing_build)
+    monkeypatch.setattr(native.FFF, "compile", failing_build)
     native.reset()
     F.set_backend("auto")
     try:
