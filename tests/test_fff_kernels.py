@@ -414,6 +414,7 @@ def test_native_build_failure_warns_once(monkeypatch):
         builds.append(1)
         raise OSError("no C++ compiler (simulated)")
 
+    monkeypatch.delenv("CCLI_REQUIRE_NATIVE", raising=False)  # this test is about the fallback
     monkeypatch.setattr(native.FFF, "compile", failing_build)
     native.reset()
     F.set_backend("auto")

@@ -466,6 +466,7 @@ def test_native_build_failure_warns_once(monkeypatch):
         builds.append(1)
         raise OSError("no C++ compiler (simulated)")
 
+    monkeypatch.delenv("CCLI_REQUIRE_NATIVE", raising=False)  # this test is about the fallback
     monkeypatch.setattr(T._native, "compile", failing_build)
     T._native.reset()
     T.set_backend("auto")
@@ -490,6 +491,7 @@ def test_native_build_failure_warns_once(monkeypatch):
 
 
 def test_native_disabled_by_environment(monkeypatch):
+    monkeypatch.delenv("CCLI_REQUIRE_NATIVE", raising=False)
     monkeypatch.setenv("CCLI_TERNARY_NATIVE", "0")
     T._native.reset()
     try:

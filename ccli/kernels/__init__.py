@@ -13,6 +13,7 @@
   module classes).
 - `ccli.kernels.native`: builds/loads the C++ CPU kernels on first use (`NativeExtension`: `FFF` for
   fff_cpu.cpp, `TERNARY` for ternary_cpu.cpp; both include ccli_op.h, their shared dispatcher glue).
+  CCLI_REQUIRE_NATIVE=1 turns a native kernel that does not build into an error instead of a fallback.
 - `ccli.kernels.fff_triton`, `ccli.kernels.ternary_triton`: the Triton kernels (triton is imported
   lazily, `ccli.kernels.triton_support`).
 

@@ -18,6 +18,10 @@ If a build fails (no compiler, no OpenMP, ...), or the extension's environment v
 (CCLI_FFF_NATIVE / CCLI_TERNARY_NATIVE) or CCLI_NATIVE is set to 0, `load()` returns None and callers
 use the PyTorch reference. A failed build warns once and is not retried in the same process.
 
+With CCLI_REQUIRE_NATIVE=1 (CI sets it) there is no fallback: `load()` raises `NativeUnavailable`
+instead, with the compiler's full message, every time it is called (a disabled extension raises too),
+so a kernel that does not build fails loudly instead of being replaced by the reference.
+
 Loading an extension also registers its C++ function as the CPU kernel of its op, so CPU calls skip
 Python entirely; the op's registration (ccli.kernels.registry) switches it on or off (`set_dispatch`)
 according to the selected backend, and when off it calls back into Python (the extension's
@@ -41,6 +45,18 @@ import torch
 log = logging.getLogger(__name__)
 
 _OFF = ("0", "false", "off", "no")
+_ON = ("1", "true", "on", "yes")
+
+REQUIRE_ENV = "CCLI_REQUIRE_NATIVE"
+
+
+def native_required() -> bool:
+    """Whether CCLI_REQUIRE_NATIVE=1 is set: a native kernel that does not load is an error, not a fallback."""
+    return os.environ.get(REQUIRE_ENV, "0").strip().lower() in _ON
+
+
+class NativeUnavailable(RuntimeError):
+    """A native kernel did not load while CCLI_REQUIRE_NATIVE=1 forbids falling back to the reference."""
 
 
 def _cpu_ident() -> str:
@@ -101,6 +117,31 @@ def _build_directory(name: str) -> str | None:
         return None
 
 
+def _forget_build(name: str) -> None:
+    """Make torch run the build of extension `name` again on its next load in this process (it skips
+    it when the sources did not change since its last attempt, and then only reports that the library
+    is missing, not why the build failed)."""
+    try:
+        from torch.utils.cpp_extension import JIT_EXTENSION_VERSIONER
+
+        JIT_EXTENSION_VERSIONER.entries.pop(name, None)
+    except Exception:  # noqa: BLE001 - private torch state; without it a retry only reports less
+        pass
+
+
+def _one_line(detail: str, limit: int = 600) -> str:
+    """A failed build's error on one line: the whole of it if short, else its head and the compiler's
+    error lines (torch's message starts with the full compiler command line)."""
+    reason = " ".join(detail.split())
+    if len(reason) > limit:
+        errors = [" ".join(line.split()) for line in detail.splitlines() if "error:" in line]
+        if errors:
+            head = " ".join(detail.splitlines()[0].split())
+            head = head.split(": [", 1)[0] if ": [" in head else head[:120]
+            reason = head + ": " + " | ".join(errors)
+    return reason if len(reason) <= limit else reason[:limit] + " ..."
+
+
 def _cflags() -> list[str]:
     flags = ["-O3", "-fopenmp"]
     if platform.machine().lower() in ("x86_64", "amd64", "aarch64", "arm64"):
@@ -126,7 +167,8 @@ class NativeExtension:
         self.source = Path(__file__).with_name(stem + ".cpp")
         self.ext = None  # the loaded extension module
         self.loaded = None  # the extension once loaded, kept after reset() (its op kernel stays registered)
-        self.failure: str | None = None  # why it is unavailable; set once, never retried
+        self.failure: str | None = None  # why it is unavailable (one line); set once, never retried
+        self.failure_detail: str | None = None  # the whole error (the compiler's output), for NativeUnavailable
         self.build_seconds: float | None = None  # wall time of load() in this process
         self.python_kernel: Callable[..., Any] | None = None  # the op's Python kernel (set by its registration)
 
@@ -176,12 +218,21 @@ class NativeExtension:
                 return f"disabled by {var}=0"
         return None
 
+    def _unavailable(self) -> NativeUnavailable:
+        return NativeUnavailable(
+            f"ccli: the native {self.label} CPU kernel is unavailable and {REQUIRE_ENV}=1 forbids falling back to "
+            f"the PyTorch reference: {self.failure_detail or self.failure}"
+        )
+
     def load(self):
-        """The extension module, building it on first call; None if it cannot be built (warns once)."""
+        """The extension module, building it on first call; None if it cannot be built (warns once).
+        Under CCLI_REQUIRE_NATIVE=1 it raises NativeUnavailable instead of returning None."""
         if self.ext is not None:
             return self.ext
         if self.failure is None:
             self._try_load()
+        if self.ext is None and native_required():
+            raise self._unavailable()
         return self.ext
 
     def _try_load(self) -> None:
@@ -194,10 +245,10 @@ class NativeExtension:
         try:
             ext = self.compile()
         except Exception as exc:  # noqa: BLE001 - compiler missing, compile error, ninja missing, ...
-            reason = " ".join(f"{type(exc).__name__}: {exc}".split())
-            if len(reason) > 600:
-                reason = reason[:600] + " ..."
-            self.failure = reason
+            self.failure_detail = f"{type(exc).__name__}: {exc}"
+            self.failure = _one_line(self.failure_detail)
+            if native_required():
+                raise self._unavailable() from exc
             warnings.warn(
                 f"ccli: could not build the native {self.label} CPU kernel ({self.failure}); "
                 "using the PyTorch reference implementation instead (correct, but slower).",
@@ -224,7 +275,9 @@ class NativeExtension:
         self.set_dispatch(False)
         self.ext = None
         self.failure = None
+        self.failure_detail = None
         self.build_seconds = None
+        _forget_build(self.extension_name())
 
 
 # --- the extensions (and the module-level API the FFF one has always had) -------------------------
