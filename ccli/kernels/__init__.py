@@ -18,5 +18,5 @@
   lazily, `ccli.kernels.triton_support`).
 
 Submodules are not imported here, so `import ccli.kernels` stays cheap. No module of this package
-imports one that imports it back.
+imports one that imports it back (tests/test_kernels.py checks).
 """
