@@ -101,12 +101,18 @@ def test_a_layer_built_under_inference_mode_runs():
 
 
 def test_training_path_only_trains_visited_neurons():
+    """One token through one tree of depth 3 with leaves of 2: gradients reach exactly the 3 + 2
+    neurons of its path (input rows, biases and output columns), and nothing else."""
     layer = _layer(1, 3, 2)
     x = torch.randn(1, HIDDEN)
     layer.train()
     layer(x).sum().backward()
-    touched = (layer.linear_in.weight.grad.abs().sum(1) > 0).sum().item()
-    assert touched <= 3 + 2
+    with torch.no_grad():
+        visited = layer.route_mask(layer.linear_in(x))[0].bool()
+    assert visited.sum().item() == 3 + 2
+    assert torch.equal(layer.linear_in.weight.grad.abs().sum(1) > 0, visited)
+    assert torch.equal(layer.linear_in.bias.grad != 0, visited)
+    assert torch.equal(layer.linear_out.weight.grad.abs().sum(0) > 0, visited)
 
 
 def test_ultrafastbert_layer_imports_unchanged():

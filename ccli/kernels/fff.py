@@ -19,7 +19,8 @@ Backends: "reference" (PyTorch, any device), "native" (C++/OpenMP, CPU float32, 
 triton on CUDA when available, else the reference. `set_backend` / `use_backend` force one.
 
 Importing this module registers the op, its fake (meta) impl, a FlopCounterMode formula and an fvcore
-handle (ccli.measure.flops) for it.
+handle (ccli.measure.flops) for it, all through ccli.kernels.registry. The activations are those of
+ccli.kernels.activations (`ACTIVATIONS` here is its tuple of names).
 
 The op is for inference: it has no autograd formula (backpropagating through it makes torch warn and
 gives no gradients). `fff_reference` is differentiable (hard routing) for training.
@@ -31,10 +32,10 @@ Dispatch cost: once the native extension has loaded, CPU calls go from the dispa
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from ccli.kernels import native
-from ccli.kernels.backends import BACKENDS, BackendSelector
+from ccli.kernels import activations, native
+from ccli.kernels.backends import BACKENDS
+from ccli.kernels.registry import KernelOp, register_op
 
 __all__ = [
     "ACTIVATIONS",
@@ -50,14 +51,8 @@ __all__ = [
     "use_backend",
 ]
 
-ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
-
-_ACT_FNS = {
-    "gelu": F.gelu,
-    "gelu_tanh": lambda z: F.gelu(z, approximate="tanh"),
-    "relu": F.relu,
-    "silu": F.silu,
-}
+ACTIVATIONS = activations.NAMES
+_ACT_FNS = activations.FUNCTIONS
 
 
 def fff_rows(trees: int, depth: int, leaf_width: int) -> int:
@@ -159,8 +154,8 @@ def leaf_activations(z: torch.Tensor, act, leaf_linear: int) -> torch.Tensor:
 # --- backends -----------------------------------------------------------------------------------------
 
 def _native_f32(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out=None, leaf_linear=0):
-    # The extension is loaded by _resolve; it checks shapes itself. Other dtypes use the reference.
-    ext = native._ext
+    # The extension is loaded by the backend selection; it checks shapes itself. Other dtypes use the reference.
+    ext = native.FFF.ext
     if x.dtype is torch.float32 and ext is not None:
         return ext.fff_forward(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out, leaf_linear)
     return fff_reference(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out, leaf_linear)
@@ -173,44 +168,37 @@ def _triton_impl(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_o
     return fff_triton(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out, leaf_linear)
 
 
-_backends = BackendSelector(
-    "fff", reference=fff_reference, native_impl=_native_f32, triton_impl=_triton_impl,
-    extension=native.FFF,
-)
-set_backend = _backends.set
-get_backend = _backends.get
-use_backend = _backends.use
-available_backends = _backends.available
-_resolve = _backends.resolve
-
-
 # --- the op ---------------------------------------------------------------------------------------------
 
-_lib = torch.library.Library("ccli", "FRAGMENT")
-_lib.define(
-    "fff(Tensor x, Tensor w_in, Tensor b_in, Tensor w_out, int trees, int depth, int leaf_width, "
-    "str activation, Tensor? b_out=None, int leaf_linear=0) -> Tensor"
-)
 
-
-def _impl_python(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out=None, leaf_linear=0):
-    """The op's Python kernel, for every device (CPU calls reach it only while the native extension's
-    own C++ CPU kernel is not loaded or not selected)."""
-    fn = _backends.implementation(x.device.type)
-    return fn(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out, leaf_linear)
-
-
-_lib.impl("fff", _impl_python, "CompositeExplicitAutograd")
-native._python_kernel = _impl_python
-
-
-@torch.library.register_fake("ccli::fff")
 def _fff_fake(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out=None, leaf_linear=0):
     _check_args(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out, leaf_linear)
     return x.new_empty(x.shape)
 
 
-_OP = torch.ops.ccli.fff.default
+def _op_macs(x_shape, w_in_shape, b_in_shape, w_out_shape, trees, depth, leaf_width, activation, b_out=None,
+             leaf_linear=0) -> int:
+    return fff_macs(x_shape[0], x_shape[1], trees, depth, leaf_width)
+
+
+FFF_OP = register_op(KernelOp(
+    name="fff",
+    schema="(Tensor x, Tensor w_in, Tensor b_in, Tensor w_out, int trees, int depth, int leaf_width, "
+           "str activation, Tensor? b_out=None, int leaf_linear=0) -> Tensor",
+    reference=fff_reference,
+    fake=_fff_fake,
+    macs=_op_macs,
+    native=native.FFF,
+    native_impl=_native_f32,
+    triton_impl=_triton_impl,
+))
+_backends = FFF_OP.backends
+set_backend = _backends.set
+get_backend = _backends.get
+use_backend = _backends.use
+available_backends = _backends.available
+_resolve = _backends.resolve
+_over_tokens = FFF_OP.over_tokens
 
 
 def fff(
@@ -228,42 +216,4 @@ def fff(
     """FFF forward for x of shape (..., H) through the `ccli::fff` op; returns (..., H). `b_out`, an
     optional output bias (H,), is fused: each output row starts from it. The last `leaf_linear`
     neurons of every leaf are linear (no activation)."""
-    if x.dim() == 2:
-        return _OP(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out, leaf_linear)
-    shape = x.shape
-    y = _OP(x.reshape(-1, shape[-1]), w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out, leaf_linear)
-    return y.view(shape)
-
-
-# --- FLOP accounting --------------------------------------------------------------------------------
-
-
-def _register_flop_formula() -> None:
-    from torch.utils.flop_counter import flop_registry, register_flop_formula
-
-    packet = torch.ops.ccli.fff
-    if packet in flop_registry:
-        return
-
-    @register_flop_formula(packet)
-    def _fff_flop(x_shape, w_in_shape, b_in_shape, w_out_shape, trees, depth, leaf_width, *args, out_shape=None, **kwargs):
-        return 2 * fff_macs(x_shape[0], x_shape[1], trees, depth, leaf_width)
-
-
-def _fvcore_handle(inputs, outputs) -> float:
-    """fvcore handle: multiply-accumulates of a traced ccli::fff node."""
-    n_tokens, hidden = inputs[0].type().sizes()[-2:]
-    trees, depth, leaf_width = (int(inputs[i].toIValue()) for i in (4, 5, 6))
-    return fff_macs(n_tokens, hidden, trees, depth, leaf_width)
-
-
-def _register_fvcore_handle() -> None:
-    try:
-        from ccli.measure.flops import register_flop_handle
-    except Exception:  # pragma: no cover - ccli.measure is part of the package
-        return
-    register_flop_handle("ccli::fff", _fvcore_handle)
-
-
-_register_flop_formula()
-_register_fvcore_handle()
+    return _over_tokens(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out, leaf_linear)

@@ -33,7 +33,6 @@
 #include <omp.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -41,6 +40,8 @@
 #include <string>
 #include <string_view>
 #include <vector>
+
+#include "ccli_op.h"
 
 namespace {
 
@@ -575,47 +576,24 @@ at::Tensor fff_forward_impl(const at::Tensor& x_, const at::Tensor& w_in_, const
       case Act::Silu: fff_all<Act::Silu>(p); break;
     }
   };
-  if (PyGILState_Check()) {  // let other Python threads run while we compute
-    pybind11::gil_scoped_release no_gil;
-    run();
-  } else {
-    run();
-  }
+  ccli_op::without_gil(run);
   return y;
 }
 
 // --- the CPU kernel of the ccli::fff op -----------------------------------------------------------
-// Registered with the dispatcher when this extension loads, so CPU calls of torch.ops.ccli.fff reach
-// C++ without a Python frame. ccli/kernels/fff.py decides the backend: when it selects anything but
-// this kernel (set_backend, or an unsupported dtype), calls go to its Python fallback instead.
-
-std::atomic<bool> g_native_enabled{false};
-pybind11::object* g_fallback = nullptr;  // intentionally leaked: must outlive interpreter shutdown
+// Registered with the dispatcher when this extension loads (glue: ccli_op.h). When the Python side
+// selects anything but this kernel (set_backend), or for other dtypes, calls go to its Python kernel.
 
 at::Tensor fff_cpu_kernel(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& b_in,
                           const at::Tensor& w_out, int64_t trees, int64_t depth, int64_t leaf_width,
                           c10::string_view activation, const std::optional<at::Tensor>& b_out,
                           int64_t leaf_linear) {
-  if (g_native_enabled.load(std::memory_order_relaxed) && all_float_cpu(x, w_in, b_in, w_out, b_out)) {
+  if (ccli_op::native_enabled() && all_float_cpu(x, w_in, b_in, w_out, b_out)) {
     return fff_forward_impl(x, w_in, b_in, w_out, trees, depth, leaf_width,
                             std::string_view(activation.data(), activation.size()), b_out, leaf_linear);
   }
-  pybind11::gil_scoped_acquire gil;
-  TORCH_CHECK(g_fallback != nullptr, "ccli::fff: the native CPU kernel is loaded but no fallback is set");
-  pybind11::object out = (*g_fallback)(x, w_in, b_in, w_out, trees, depth, leaf_width,
-                                       std::string(activation.data(), activation.size()), b_out, leaf_linear);
-  return out.cast<at::Tensor>();
-}
-
-void configure(bool native_enabled, pybind11::object fallback) {
-  if (!fallback.is_none()) {
-    if (g_fallback == nullptr) {
-      g_fallback = new pybind11::object(std::move(fallback));
-    } else {
-      *g_fallback = std::move(fallback);
-    }
-  }
-  g_native_enabled.store(native_enabled, std::memory_order_relaxed);
+  return ccli_op::call_fallback("ccli::fff", x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out,
+                                leaf_linear);
 }
 
 at::Tensor fff_forward(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& b_in,
@@ -637,7 +615,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("w_in"), pybind11::arg("b_in"), pybind11::arg("w_out"), pybind11::arg("trees"),
         pybind11::arg("depth"), pybind11::arg("leaf_width"), pybind11::arg("activation"),
         pybind11::arg("b_out") = pybind11::none(), pybind11::arg("leaf_linear") = 0);
-  m.def("configure", &configure, pybind11::arg("native_enabled"), pybind11::arg("fallback") = pybind11::none(),
-        "Enable/disable the dispatcher CPU kernel and set the Python fallback it calls when disabled");
-  m.def("native_enabled", [] { return g_native_enabled.load(); });
+  ccli_op::def_dispatch(m);
 }

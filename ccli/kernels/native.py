@@ -11,20 +11,26 @@ one a binary built for another's instruction set.
   (`load`, `failure_reason`, `set_dispatch`, `reset`, `fff_native`, ...) are its API.
 - `TERNARY` (ternary_cpu.cpp): the `ccli::ternary_linear` op (ccli.kernels.ternary).
 
+Every C++ source includes ccli_op.h, the dispatcher glue they share (the switch between the C++
+kernel and the Python fallback below, `configure`, releasing the GIL).
+
 If a build fails (no compiler, no OpenMP, ...), or the extension's environment variable
 (CCLI_FFF_NATIVE / CCLI_TERNARY_NATIVE) or CCLI_NATIVE is set to 0, `load()` returns None and callers
 use the PyTorch reference. A failed build warns once and is not retried in the same process.
 
+With CCLI_REQUIRE_NATIVE=1 (CI sets it) there is no fallback: `load()` raises `NativeUnavailable`
+instead, with the compiler's full message, every time it is called (a disabled extension raises too),
+so a kernel that does not build fails loudly instead of being replaced by the reference.
+
 Loading an extension also registers its C++ function as the CPU kernel of its op, so CPU calls skip
-Python entirely; the op's module switches it on or off (`set_dispatch`) according to the selected
-backend, and when off it calls back into Python (the extension's `python_kernel`, which the op's
-module sets when it is imported).
+Python entirely; the op's registration (ccli.kernels.registry) switches it on or off (`set_dispatch`)
+according to the selected backend, and when off it calls back into Python (the extension's
+`python_kernel`, which the registration sets).
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
 import logging
 import os
 import platform
@@ -39,6 +45,18 @@ import torch
 log = logging.getLogger(__name__)
 
 _OFF = ("0", "false", "off", "no")
+_ON = ("1", "true", "on", "yes")
+
+REQUIRE_ENV = "CCLI_REQUIRE_NATIVE"
+
+
+def native_required() -> bool:
+    """Whether CCLI_REQUIRE_NATIVE=1 is set: a native kernel that does not load is an error, not a fallback."""
+    return os.environ.get(REQUIRE_ENV, "0").strip().lower() in _ON
+
+
+class NativeUnavailable(RuntimeError):
+    """A native kernel did not load while CCLI_REQUIRE_NATIVE=1 forbids falling back to the reference."""
 
 
 def _cpu_ident() -> str:
@@ -99,6 +117,31 @@ def _build_directory(name: str) -> str | None:
         return None
 
 
+def _forget_build(name: str) -> None:
+    """Make torch run the build of extension `name` again on its next load in this process (it skips
+    it when the sources did not change since its last attempt, and then only reports that the library
+    is missing, not why the build failed)."""
+    try:
+        from torch.utils.cpp_extension import JIT_EXTENSION_VERSIONER
+
+        JIT_EXTENSION_VERSIONER.entries.pop(name, None)
+    except Exception:  # noqa: BLE001 - private torch state; without it a retry only reports less
+        pass
+
+
+def _one_line(detail: str, limit: int = 600) -> str:
+    """A failed build's error on one line: the whole of it if short, else its head and the compiler's
+    error lines (torch's message starts with the full compiler command line)."""
+    reason = " ".join(detail.split())
+    if len(reason) > limit:
+        errors = [" ".join(line.split()) for line in detail.splitlines() if "error:" in line]
+        if errors:
+            head = " ".join(detail.splitlines()[0].split())
+            head = head.split(": [", 1)[0] if ": [" in head else head[:120]
+            reason = head + ": " + " | ".join(errors)
+    return reason if len(reason) <= limit else reason[:limit] + " ..."
+
+
 def _cflags() -> list[str]:
     flags = ["-O3", "-fopenmp"]
     if platform.machine().lower() in ("x86_64", "amd64", "aarch64", "arm64"):
@@ -113,27 +156,21 @@ class NativeExtension:
     stem:       source file stem, e.g. "fff_cpu" (fff_cpu.cpp, extension ccli_fff_cpu_<cpu hash>)
     label:      name used in log messages and warnings ("native <label> CPU kernel")
     env_var:    set to 0 to disable this extension (CCLI_NATIVE=0 disables all of them)
-    op_module:  module that defines the op; imported to find its Python kernel if `python_kernel`
-                was not set yet (the dispatcher fallback of the C++ kernel)
-    builder:    optional zero-argument callable replacing `compile()` (the FFF extension keeps the
-                historical module-level `_build` hook, which tests monkeypatch)
 
-    The C++ module must export `configure(native_enabled: bool, fallback=None)`.
+    The C++ module must export `configure(native_enabled: bool, fallback=None)` (ccli_op.h defines it).
     """
 
-    def __init__(self, stem: str, label: str, env_var: str, op_module: str,
-                 builder: Callable[[], Any] | None = None):
+    def __init__(self, stem: str, label: str, env_var: str):
         self.stem = stem
         self.label = label
         self.env_var = env_var
-        self.op_module = op_module
         self.source = Path(__file__).with_name(stem + ".cpp")
         self.ext = None  # the loaded extension module
         self.loaded = None  # the extension once loaded, kept after reset() (its op kernel stays registered)
-        self.failure: str | None = None  # why it is unavailable; set once, never retried
+        self.failure: str | None = None  # why it is unavailable (one line); set once, never retried
+        self.failure_detail: str | None = None  # the whole error (the compiler's output), for NativeUnavailable
         self.build_seconds: float | None = None  # wall time of load() in this process
-        self.python_kernel: Callable[..., Any] | None = None  # the op's Python kernel (set by its module)
-        self._builder = builder
+        self.python_kernel: Callable[..., Any] | None = None  # the op's Python kernel (set by its registration)
 
     def __repr__(self) -> str:
         state = "loaded" if self.ext is not None else f"failed ({self.failure})" if self.failure else "not loaded"
@@ -146,8 +183,8 @@ class NativeExtension:
     def dispatch_fallback(self, *args):
         """Called by the extension's dispatcher kernel for CPU calls it does not handle itself."""
         kernel = self.python_kernel
-        if kernel is None:
-            kernel = importlib.import_module(self.op_module)._impl_python
+        if kernel is None:  # the op is defined by its registration, which sets the kernel first
+            raise RuntimeError(f"ccli: the native {self.label} CPU kernel has no Python kernel to fall back to")
         return kernel(*args)
 
     def set_dispatch(self, enabled: bool) -> None:
@@ -160,8 +197,9 @@ class NativeExtension:
         """Compile (or load from torch's extension cache) and return the extension module."""
         from torch.utils.cpp_extension import load as load_extension
 
-        if not self.source.is_file():
-            raise FileNotFoundError(f"{self.source} is missing (is the package data installed?)")
+        for path in (self.source, self.source.with_name("ccli_op.h")):
+            if not path.is_file():
+                raise FileNotFoundError(f"{path} is missing (is the package data installed?)")
         name = self.extension_name()
         build_directory = _build_directory(name)
         if build_directory is not None:
@@ -180,38 +218,49 @@ class NativeExtension:
                 return f"disabled by {var}=0"
         return None
 
+    def _unavailable(self) -> NativeUnavailable:
+        return NativeUnavailable(
+            f"ccli: the native {self.label} CPU kernel is unavailable and {REQUIRE_ENV}=1 forbids falling back to "
+            f"the PyTorch reference: {self.failure_detail or self.failure}"
+        )
+
     def load(self):
-        """The extension module, building it on first call; None if it cannot be built (warns once)."""
+        """The extension module, building it on first call; None if it cannot be built (warns once).
+        Under CCLI_REQUIRE_NATIVE=1 it raises NativeUnavailable instead of returning None."""
         if self.ext is not None:
             return self.ext
-        if self.failure is not None:
-            return None
+        if self.failure is None:
+            self._try_load()
+        if self.ext is None and native_required():
+            raise self._unavailable()
+        return self.ext
+
+    def _try_load(self) -> None:
         reason = self.disabled()
         if reason is not None:
             self.failure = reason
-            return None
+            return
         start = time.perf_counter()
         log.info("ccli: loading the native %s CPU kernel (the first build compiles C++, ~15-60 s)", self.label)
         try:
-            ext = self._builder() if self._builder is not None else self.compile()
+            ext = self.compile()
         except Exception as exc:  # noqa: BLE001 - compiler missing, compile error, ninja missing, ...
-            reason = " ".join(f"{type(exc).__name__}: {exc}".split())
-            if len(reason) > 600:
-                reason = reason[:600] + " ..."
-            self.failure = reason
+            self.failure_detail = f"{type(exc).__name__}: {exc}"
+            self.failure = _one_line(self.failure_detail)
+            if native_required():
+                raise self._unavailable() from exc
             warnings.warn(
-                f"ccli: could not build the native {self.label} CPU kernel ({reason}); "
+                f"ccli: could not build the native {self.label} CPU kernel ({self.failure}); "
                 "using the PyTorch reference implementation instead (correct, but slower).",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
-            return None
+            return
         self.build_seconds = time.perf_counter() - start
         # Loading registered the extension's CPU kernel for its op; it defers to Python until the
-        # backend selection of the op's module enables it.
+        # backend selection of the op's registration enables it.
         ext.configure(False, self.dispatch_fallback)
         self.ext = self.loaded = ext
-        return ext
 
     def available(self) -> bool:
         """Whether the native kernel is usable (builds it if needed)."""
@@ -226,34 +275,16 @@ class NativeExtension:
         self.set_dispatch(False)
         self.ext = None
         self.failure = None
+        self.failure_detail = None
         self.build_seconds = None
+        _forget_build(self.extension_name())
 
 
-# --- the FFF extension (and the module-level API it has always had) ------------------------------
+# --- the extensions (and the module-level API the FFF one has always had) -------------------------
 
-SOURCE = Path(__file__).with_name("fff_cpu.cpp")
-
-_python_kernel = None  # ccli.kernels.fff._impl_python, set when that module is imported
-
-
-def _dispatch_fallback(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out=None, leaf_linear=0):
-    """Called by the FFF extension's dispatcher kernel for CPU calls it does not handle itself."""
-    kernel = _python_kernel
-    if kernel is None:
-        from ccli.kernels import fff
-
-        kernel = fff._impl_python
-    return kernel(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out, leaf_linear)
-
-
-def _build():
-    """Compile (or load from torch's extension cache) and return the FFF extension module."""
-    return FFF.compile()
-
-
-FFF = NativeExtension("fff_cpu", "FFF", "CCLI_FFF_NATIVE", "ccli.kernels.fff", builder=lambda: _build())
-FFF.dispatch_fallback = _dispatch_fallback  # honours the module-level _python_kernel hook
-TERNARY = NativeExtension("ternary_cpu", "ternary", "CCLI_TERNARY_NATIVE", "ccli.kernels.ternary")
+FFF = NativeExtension("fff_cpu", "FFF", "CCLI_FFF_NATIVE")
+TERNARY = NativeExtension("ternary_cpu", "ternary", "CCLI_TERNARY_NATIVE")
+SOURCE = FFF.source
 
 EXTENSIONS = {"fff": FFF, "ternary": TERNARY}
 

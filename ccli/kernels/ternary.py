@@ -54,7 +54,8 @@ of y would cost more than the outliers: 275 us against 7 us for a 128 x 1536 out
 is one multiply-accumulate per outlier and token: both FLOP counters count N * K of them.
 
 Importing this module registers the ops, their fake (meta) impls, the FlopCounterMode formulas and the
-fvcore handles. The ops are for inference: they have no autograd formula (training uses
+fvcore handles, all through ccli.kernels.registry. The weight, packing and activation helpers above live
+in ccli.kernels.ternary_format (so that the Triton kernel can use them) and are re-exported here. The ops are for inference: they have no autograd formula (training uses
 `add_outliers_reference`, which is differentiable).
 """
 
@@ -65,7 +66,23 @@ import math
 import torch
 
 from ccli.kernels import native
-from ccli.kernels.backends import BACKENDS, BackendSelector
+from ccli.kernels.backends import BACKENDS
+from ccli.kernels.registry import KernelOp, register_op
+from ccli.kernels.ternary_format import (  # noqa: F401 - the format's API is this module's too
+    ACT_EPS,
+    GRANULARITIES,
+    WEIGHT_EPS,
+    _absmean_scale,
+    _check_packed,
+    _expand_scale,
+    absmean_ternarize,
+    dequantize,
+    n_groups,
+    pack_ternary,
+    quantize_activations,
+    quantize_weights,
+    unpack_ternary,
+)
 
 __all__ = [
     "ACT_BITS",
@@ -95,128 +112,9 @@ __all__ = [
     "use_backend",
 ]
 
-GRANULARITIES = ("tensor", "channel", "group")
 ACT_BITS = (8, 16)
-WEIGHT_EPS = 1e-8  # lower bound of an absmean weight scale
-ACT_EPS = 1e-8  # lower bound of sx = absmax / 127 (as float32), so an all-zero token gives q = 0
 
 _native = native.TERNARY
-
-
-# --- weights ------------------------------------------------------------------------------------------
-
-
-def n_groups(in_features: int, group_size: int) -> int:
-    """G = ceil(in_features / group_size)."""
-    return -(-in_features // group_size)
-
-
-def _absmean_scale(w: torch.Tensor, granularity: str, group_size: int) -> tuple[torch.Tensor, int]:
-    """float32 (out, G) absmean scales and the group size used."""
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"ternary: granularity must be one of {GRANULARITIES}, got {granularity!r}")
-    if w.dim() != 2:
-        raise ValueError(f"ternary: weights must be 2-D (out, in), got shape {tuple(w.shape)}")
-    out_features, in_features = w.shape
-    a = w.detach().float().abs()
-    if granularity == "tensor":
-        s = a.mean().clamp_min(WEIGHT_EPS).expand(out_features, 1).contiguous()
-        return s, in_features
-    if granularity == "channel":
-        return a.mean(dim=1, keepdim=True).clamp_min(WEIGHT_EPS), in_features
-    if not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"ternary: group_size must be a positive integer, got {group_size!r}")
-    groups = n_groups(in_features, group_size)
-    padded = torch.nn.functional.pad(a, (0, groups * group_size - in_features))
-    sums = padded.view(out_features, groups, group_size).sum(-1)
-    counts = torch.full((groups,), float(group_size), device=w.device)
-    counts[-1] = in_features - (groups - 1) * group_size
-    return (sums / counts).clamp_min(WEIGHT_EPS), group_size
-
-
-def _expand_scale(scale: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor:
-    """(out, G) -> (out, in): each column's scale."""
-    return scale.repeat_interleave(group_size, dim=1)[:, :in_features]
-
-
-def quantize_weights(
-    w: torch.Tensor, granularity: str = "tensor", group_size: int = 128
-) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Absmean ternarisation of float weights (out, in): (t int8 (out, in) in {-1, 0, 1}, scale float32
-    (out, G), group size used). "tensor" and "channel" use group size `in` (G = 1)."""
-    s, gs = _absmean_scale(w, granularity, group_size)
-    wf = w.detach().float()
-    t = torch.round(wf / _expand_scale(s, wf.shape[1], gs)).clamp_(-1, 1).to(torch.int8)
-    return t, s, gs
-
-
-def absmean_ternarize(w: torch.Tensor, granularity: str = "tensor", group_size: int = 128) -> torch.Tensor:
-    """The fake-quantised weights t * s of `quantize_weights` (same rounding), in w's dtype. Not
-    differentiable through the rounding: use it as w + (absmean_ternarize(w) - w).detach()."""
-    s, gs = _absmean_scale(w, granularity, group_size)
-    s_full = _expand_scale(s, w.shape[1], gs)
-    wf = w.detach().float()
-    t = torch.round(wf / s_full).clamp_(-1, 1)
-    return (t * s_full).to(w.dtype)
-
-
-def pack_ternary(t: torch.Tensor) -> torch.Tensor:
-    """int8 (out, in) of {-1, 0, 1} -> uint8 (out, ceil(in / 4)), 4 weights per byte (module doc)."""
-    if t.dim() != 2:
-        raise ValueError(f"pack_ternary: expected a 2-D (out, in) tensor, got shape {tuple(t.shape)}")
-    if t.is_complex():
-        raise ValueError("pack_ternary: weights must be in {-1, 0, 1}")
-    ti = t.to(torch.int8)
-    if t.numel() and (((ti > 1) | (ti < -1)).any() or not torch.equal(ti.to(t.dtype), t)):
-        raise ValueError("pack_ternary: weights must be in {-1, 0, 1}")
-    out_features, in_features = ti.shape
-    n_bytes = -(-in_features // 4)
-    codes = torch.where(ti > 0, 1, torch.where(ti < 0, 2, 0)).to(torch.uint8)
-    codes = torch.nn.functional.pad(codes, (0, n_bytes * 4 - in_features)).view(out_features, n_bytes, 4)
-    return codes[..., 0] | (codes[..., 1] << 2) | (codes[..., 2] << 4) | (codes[..., 3] << 6)
-
-
-def unpack_ternary(packed: torch.Tensor, in_features: int) -> torch.Tensor:
-    """uint8 (out, ceil(in / 4)) -> int8 (out, in) of {-1, 0, 1}: the inverse of `pack_ternary`."""
-    _check_packed(packed, in_features)
-    shifts = torch.tensor([0, 2, 4, 6], dtype=torch.uint8, device=packed.device)
-    codes = (packed.unsqueeze(-1) >> shifts) & 3  # (out, bytes, 4)
-    lut = torch.tensor([0, 1, -1, 0], dtype=torch.int8, device=packed.device)
-    return lut[codes.long()].reshape(packed.shape[0], packed.shape[1] * 4)[:, :in_features]
-
-
-def dequantize(packed: torch.Tensor, scale: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor:
-    """The float32 weight (out, in) that packed ternary values and their scales stand for."""
-    return unpack_ternary(packed, in_features).float() * _expand_scale(scale, in_features, group_size).float()
-
-
-def _check_packed(packed: torch.Tensor, in_features: int) -> None:
-    if packed.dtype is not torch.uint8 or packed.dim() != 2:
-        raise ValueError(f"ternary: packed weights must be a 2-D uint8 tensor, got {packed.dtype} {tuple(packed.shape)}")
-    if in_features < 1 or packed.shape[1] != -(-in_features // 4):
-        raise ValueError(
-            f"ternary: packed weights must be (out, ceil(in_features / 4)) = (out, {-(-in_features // 4)}) "
-            f"for in_features={in_features}, got {tuple(packed.shape)}"
-        )
-
-
-# --- activations -------------------------------------------------------------------------------------
-
-
-def quantize_activations(x: torch.Tensor, backend: str = "reference") -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token absmax int8 quantisation of x (N, in): (q int8 (N, in), sx float32 (N, 1)), see the
-    module doc. backend "native" runs the C++ code the native kernel uses (identical results)."""
-    if backend == "native":
-        ext = _native.load()
-        if ext is None:
-            raise RuntimeError(f"ternary: native backend unavailable: {_native.failure_reason()}")
-        return ext.quantize_activations(x)
-    if backend != "reference":
-        raise ValueError(f"quantize_activations: backend must be 'reference' or 'native', got {backend!r}")
-    xf = x.float()
-    sx = (xf.abs().amax(dim=-1, keepdim=True) / 127.0).clamp_min(ACT_EPS)
-    q = torch.round(xf / sx).clamp_(-127, 127).to(torch.int8)
-    return q, sx
 
 
 # --- reference -----------------------------------------------------------------------------------------
@@ -332,17 +230,6 @@ def _triton_impl(x, packed, scale, bias, in_features, group_size, act_bits):
     return ternary_linear_triton(x, packed, scale, bias, in_features, group_size, act_bits)
 
 
-_backends = BackendSelector(
-    "ternary_linear", reference=ternary_linear_reference, native_impl=_native_impl, triton_impl=_triton_impl,
-    extension=_native,
-)
-set_backend = _backends.set
-get_backend = _backends.get
-use_backend = _backends.use
-available_backends = _backends.available
-_resolve = _backends.resolve
-
-
 def ternary_int_matmul(
     q: torch.Tensor, packed: torch.Tensor, in_features: int, group_size: int, backend: str = "reference"
 ) -> torch.Tensor:
@@ -374,30 +261,17 @@ def ternary_linear_native(x, packed, scale, bias, in_features, group_size, act_b
     return ext.ternary_linear(x, packed, scale, bias, in_features, group_size, act_bits)
 
 
-# --- the op ---------------------------------------------------------------------------------------------
-
-_lib = torch.library.Library("ccli", "FRAGMENT")
-_lib.define(
-    "ternary_linear(Tensor x, Tensor packed, Tensor scale, Tensor? bias, int in_features, int group_size, "
-    "int act_bits) -> Tensor"
-)
+# --- the ops --------------------------------------------------------------------------------------------
 
 
-def _impl_python(x, packed, scale, bias, in_features, group_size, act_bits):
-    """The op's Python kernel, for every device (CPU calls reach it only while the native extension's
-    own C++ CPU kernel is not loaded or not selected, or for dtypes it does not handle)."""
-    fn = _backends.implementation(x.device.type)
-    return fn(x, packed, scale, bias, in_features, group_size, act_bits)
-
-
-_lib.impl("ternary_linear", _impl_python, "CompositeExplicitAutograd")
-_native.python_kernel = _impl_python
-
-
-@torch.library.register_fake("ccli::ternary_linear")
 def _ternary_fake(x, packed, scale, bias, in_features, group_size, act_bits):
     _check_args(x, packed, scale, bias, in_features, group_size, act_bits)
     return x.new_empty((x.shape[0], packed.shape[0]))
+
+
+def _ternary_macs(x_shape, packed_shape, scale_shape, bias, in_features, group_size, act_bits) -> int:
+    """The epilogue multiply-accumulates (the additions are not counted, see the module doc)."""
+    return ternary_scale_macs(math.prod(x_shape[:-1]), scale_shape[0], scale_shape[1])
 
 
 def _ternary_setup_context(ctx, inputs, output):
@@ -419,9 +293,26 @@ def _ternary_backward(ctx, grad):
     return grad_x, None, None, grad_bias, None, None, None
 
 
-torch.library.register_autograd("ccli::ternary_linear", _ternary_backward, setup_context=_ternary_setup_context)
-
-_OP = torch.ops.ccli.ternary_linear.default
+TERNARY_LINEAR_OP = register_op(KernelOp(
+    name="ternary_linear",
+    schema="(Tensor x, Tensor packed, Tensor scale, Tensor? bias, int in_features, int group_size, "
+           "int act_bits) -> Tensor",
+    reference=ternary_linear_reference,
+    fake=_ternary_fake,
+    macs=_ternary_macs,
+    native=_native,
+    native_impl=_native_impl,
+    triton_impl=_triton_impl,
+    backward=_ternary_backward,
+    setup_context=_ternary_setup_context,
+))
+_backends = TERNARY_LINEAR_OP.backends
+set_backend = _backends.set
+get_backend = _backends.get
+use_backend = _backends.use
+available_backends = _backends.available
+_resolve = _backends.resolve
+_over_tokens = TERNARY_LINEAR_OP.over_tokens
 
 
 def ternary_linear(
@@ -434,11 +325,7 @@ def ternary_linear(
     act_bits: int = 8,
 ) -> torch.Tensor:
     """Ternary linear for x of shape (..., in) through the `ccli::ternary_linear` op; returns (..., out)."""
-    if x.dim() == 2:
-        return _OP(x, packed, scale, bias, in_features, group_size, act_bits)
-    shape = x.shape
-    y = _OP(x.reshape(-1, shape[-1]), packed, scale, bias, in_features, group_size, act_bits)
-    return y.view(*shape[:-1], packed.shape[0])
+    return _over_tokens(x, packed, scale, bias, in_features, group_size, act_bits)
 
 
 def add_outliers_reference(y: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
@@ -454,13 +341,22 @@ def _add_outliers_inplace(y, x, rows, cols, values) -> None:
     y.index_add_(-1, rows, x.index_select(-1, cols) * values.to(x.dtype))
 
 
-_lib.define("ternary_outliers_(Tensor(a!) y, Tensor x, Tensor rows, Tensor cols, Tensor values) -> ()")
-_lib.impl("ternary_outliers_", _add_outliers_inplace, "CompositeExplicitAutograd")
-
-
-@torch.library.register_fake("ccli::ternary_outliers_")
 def _outliers_fake(y, x, rows, cols, values):
     return None
+
+
+def _outliers_macs(y_shape, x_shape, rows_shape, cols_shape, values_shape) -> int:
+    """One multiply-accumulate per outlier and token."""
+    return math.prod(x_shape[:-1]) * rows_shape[0]
+
+
+TERNARY_OUTLIERS_OP = register_op(KernelOp(
+    name="ternary_outliers_",
+    schema="(Tensor(a!) y, Tensor x, Tensor rows, Tensor cols, Tensor values) -> ()",
+    reference=_add_outliers_inplace,
+    fake=_outliers_fake,
+    macs=_outliers_macs,
+))
 
 
 def add_outliers(y: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
@@ -491,45 +387,3 @@ def ternary_scale_macs(n_tokens: int, out_features: int, groups: int) -> int:
 def adds_for_call(x_shape, packed_shape, in_features: int) -> int:
     """`ternary_adds` of a call with x of shape (..., in) and packed weights of shape (out, in / 4)."""
     return ternary_adds(math.prod(x_shape[:-1]), in_features, packed_shape[0])
-
-
-def _register_flop_formula() -> None:
-    from torch.utils.flop_counter import flop_registry, register_flop_formula
-
-    packet = torch.ops.ccli.ternary_linear
-    if packet in flop_registry:
-        return
-
-    @register_flop_formula(packet)
-    def _ternary_flop(x_shape, packed_shape, scale_shape, *args, out_shape=None, **kwargs):
-        return 2 * ternary_scale_macs(x_shape[0], scale_shape[0], scale_shape[1])
-
-    @register_flop_formula(torch.ops.ccli.ternary_outliers_)
-    def _outliers_flop(y_shape, x_shape, rows_shape, *args, out_shape=None, **kwargs):
-        return 2 * math.prod(x_shape[:-1]) * rows_shape[0]
-
-
-def _fvcore_handle(inputs, outputs) -> float:
-    """fvcore handle: the epilogue multiply-accumulates of a traced ccli::ternary_linear node (the
-    additions are not counted, see the module doc)."""
-    n_tokens = math.prod(inputs[0].type().sizes()[:-1])
-    out_features, groups = inputs[2].type().sizes()
-    return ternary_scale_macs(n_tokens, out_features, groups)
-
-
-def _fvcore_outliers_handle(inputs, outputs) -> float:
-    """fvcore handle of ccli::ternary_outliers_: one multiply-accumulate per outlier and token."""
-    return math.prod(inputs[1].type().sizes()[:-1]) * inputs[2].type().sizes()[0]
-
-
-def _register_fvcore_handle() -> None:
-    try:
-        from ccli.measure.flops import register_flop_handle
-    except Exception:  # noqa: BLE001  # pragma: no cover - ccli.measure is part of the package
-        return
-    register_flop_handle("ccli::ternary_linear", _fvcore_handle)
-    register_flop_handle("ccli::ternary_outliers_", _fvcore_outliers_handle)
-
-
-_register_flop_formula()
-_register_fvcore_handle()

@@ -67,7 +67,11 @@
 #include <type_traits>
 #include <vector>
 
+#include "ccli_op.h"
+
 namespace {
+
+using ccli_op::without_gil;
 
 constexpr float kActEps = 1e-8f;
 constexpr int64_t kFlush = 64;  // int8 path: chunks accumulated in int16 before widening
@@ -857,16 +861,6 @@ void check_common(const at::Tensor& packed, int64_t in, int64_t gs) {
   TORCH_CHECK(packed.device().is_cpu(), "ternary native kernel: CPU tensors only");
 }
 
-template <typename F>
-void without_gil(F&& f) {
-  if (PyGILState_Check()) {  // let other Python threads run while we compute
-    pybind11::gil_scoped_release no_gil;
-    f();
-  } else {
-    f();
-  }
-}
-
 at::Tensor ternary_linear_impl(const at::Tensor& x_, const at::Tensor& packed, const at::Tensor& scale_,
                                const std::optional<at::Tensor>& bias_, int64_t in, int64_t gs, int64_t act_bits) {
   TORCH_CHECK_VALUE(act_bits == 8 || act_bits == 16,
@@ -966,12 +960,8 @@ std::tuple<at::Tensor, at::Tensor> quantize_activations(const at::Tensor& x_) {
 }
 
 // --- the CPU kernel of the ccli::ternary_linear op ------------------------------------------------------
-// Registered with the dispatcher when this extension loads, so CPU calls of torch.ops.ccli.ternary_linear
-// reach C++ without a Python frame. ccli/kernels/ternary.py decides the backend: when it selects anything
-// but this kernel (set_backend, or unsupported dtypes), calls go to its Python fallback instead.
-
-std::atomic<bool> g_native_enabled{false};
-pybind11::object* g_fallback = nullptr;  // intentionally leaked: must outlive interpreter shutdown
+// Registered with the dispatcher when this extension loads (glue: ccli_op.h). When the Python side
+// selects anything but this kernel (set_backend), or for unsupported dtypes, calls go to its Python kernel.
 
 bool native_supported(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
                       const std::optional<at::Tensor>& bias) {
@@ -984,25 +974,10 @@ bool native_supported(const at::Tensor& x, const at::Tensor& packed, const at::T
 
 at::Tensor ternary_cpu_kernel(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
                               const std::optional<at::Tensor>& bias, int64_t in, int64_t gs, int64_t act_bits) {
-  if (g_native_enabled.load(std::memory_order_relaxed) && native_supported(x, packed, scale, bias)) {
+  if (ccli_op::native_enabled() && native_supported(x, packed, scale, bias)) {
     return ternary_linear_impl(x, packed, scale, bias, in, gs, act_bits);
   }
-  pybind11::gil_scoped_acquire gil;
-  TORCH_CHECK(g_fallback != nullptr, "ccli::ternary_linear: the native CPU kernel is loaded but no fallback is set");
-  pybind11::object b = (bias.has_value() && bias->defined()) ? pybind11::cast(*bias) : pybind11::none();
-  pybind11::object out = (*g_fallback)(x, packed, scale, b, in, gs, act_bits);
-  return out.cast<at::Tensor>();
-}
-
-void configure(bool native_enabled, pybind11::object fallback) {
-  if (!fallback.is_none()) {
-    if (g_fallback == nullptr) {
-      g_fallback = new pybind11::object(std::move(fallback));
-    } else {
-      *g_fallback = std::move(fallback);
-    }
-  }
-  g_native_enabled.store(native_enabled, std::memory_order_relaxed);
+  return ccli_op::call_fallback("ccli::ternary_linear", x, packed, scale, bias, in, gs, act_bits);
 }
 
 at::Tensor ternary_linear_py(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale,
@@ -1053,9 +1028,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("in_features"), pybind11::arg("group_size"), pybind11::arg("act_bits"));
   m.def("ternary_int_matmul", &ternary_int_matmul, "int32 (N, out, G) accumulators of int8 q (N, in) and packed weights");
   m.def("quantize_activations", &quantize_activations, "per-token absmax int8 quantisation: (q int8 (N, in), sx (N, 1))");
-  m.def("configure", &configure, pybind11::arg("native_enabled"), pybind11::arg("fallback") = pybind11::none(),
-        "Enable/disable the dispatcher CPU kernel and set the Python fallback it calls when disabled");
-  m.def("native_enabled", [] { return g_native_enabled.load(); });
+  ccli_op::def_dispatch(m);
   m.def("int8_kernels", &int8_kernels, "the int8-activation kernels this build has, default first");
   m.def("use_int8_kernel", &use_int8_kernel, pybind11::arg("name"), "choose the int8-activation kernel (for tests)");
   m.def("int8_kernel", &int8_kernel, "the int8-activation kernel in use");

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from ccli.kernels.ternary_format import quantize_activations
 from ccli.kernels.triton_support import LazyKernel, next_pow2, require_triton
 
 MODE_INT = 0  # write the int32 accumulators (N, out, G)
@@ -158,8 +159,6 @@ def ternary_linear_triton(
     act_bits: int,
 ) -> torch.Tensor:
     """The op with the Triton kernel; x is (N, in). Arguments are validated by the caller."""
-    from ccli.kernels.ternary import quantize_activations
-
     y = torch.empty((x.shape[0], packed.shape[0]), dtype=torch.float32, device=x.device)
     packed = packed.contiguous()
     scale = scale.float().contiguous()
