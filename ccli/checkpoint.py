@@ -15,7 +15,6 @@ when complete, so an interrupted save never leaves a half-written model or damag
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -25,11 +24,13 @@ import torch
 from . import __version__
 from .arch import view
 from .errors import CcliError
+from .safety import block_index, check_manifest, check_replaceable, check_tokenizer, install_dir, one_line_write_errors, tmp_prefix
 
 MANIFEST = "ccli.json"
 FORMAT = 1
 
 
+@one_line_write_errors
 def save_converted(model, tokenizer, out: str | Path, manifest: dict, *, overwrite: bool = False) -> Path:
     """Write `model` (with its converted layers), its tokenizer and `manifest` to `out` atomically."""
     from safetensors.torch import save_file
@@ -37,8 +38,10 @@ def save_converted(model, tokenizer, out: str | Path, manifest: dict, *, overwri
     out = Path(out).expanduser().resolve()
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise CcliError(f"--out {out} already exists and is not empty; choose another directory or pass --overwrite")
+    if overwrite:
+        check_replaceable(out, base=manifest.get("base_source"))
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix(out), dir=out.parent))
     try:
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         state = _untie(state)
@@ -48,13 +51,7 @@ def save_converted(model, tokenizer, out: str | Path, manifest: dict, *, overwri
             tokenizer.save_pretrained(tmp)
         full = {"format": FORMAT, "ccli_version": __version__, **manifest}
         (tmp / MANIFEST).write_text(json.dumps(full, indent=2) + "\n")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        install_dir(tmp, out)  # atomic; the replaced directory's mode, or what mkdir would give
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -79,6 +76,7 @@ def read_manifest(directory: str | Path) -> dict:
         manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CcliError(f"cannot read the ccli manifest {path}: {exc}") from exc
+    check_manifest(manifest, path, FORMAT)
     if manifest.get("format") != FORMAT:
         raise CcliError(f"{path} has manifest format {manifest.get('format')!r}; this ccli reads format {FORMAT}")
     return manifest
@@ -94,6 +92,8 @@ def build_layer(hidden_size: int, spec: dict) -> torch.nn.Module:
         return family.skeleton(hidden_size, spec)
     except KeyError as exc:
         raise CcliError(f"the manifest's {spec['variant']} entry lacks '{exc.args[0]}'") from exc
+    except (TypeError, ValueError) as exc:
+        raise CcliError(f"the manifest's {spec['variant']} entry is not a valid layer spec ({exc})") from exc
 
 
 def load_converted(directory: str | Path, *, name: str | None = None, attn_implementation: str | None = None):
@@ -110,7 +110,7 @@ def load_converted(directory: str | Path, *, name: str | None = None, attn_imple
     model = _model_class(config).from_config(config, **extra)
     arch = view(model)
     for index, spec in manifest.get("layers", {}).items():  # whole FFNs first: linears may live inside them
-        block = arch.blocks[int(index)]
+        block = arch.blocks[block_index(index, len(arch.blocks), directory)]
         block.ffn.replace(build_layer(arch.hidden_size, spec))
     for path, spec in manifest.get("linears", {}).items():
         try:
@@ -122,7 +122,10 @@ def load_converted(directory: str | Path, *, name: str | None = None, attn_imple
         state = load_file(str(directory / "model.safetensors"))
     except Exception as exc:
         raise CcliError(f"cannot read {directory / 'model.safetensors'}: {exc}") from exc
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # a tensor of another shape than the manifest's layer spec says
+        raise CcliError(f"{directory} does not match its manifest: {' '.join(str(exc).split())[:300]}") from exc
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected:
         raise CcliError(f"{directory} does not match its manifest: {len(missing)} missing and {len(unexpected)} unexpected tensors")
@@ -130,4 +133,5 @@ def load_converted(directory: str | Path, *, name: str | None = None, attn_imple
         tokenizer = AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError):
         tokenizer = None
+    check_tokenizer(tokenizer, model, str(directory))
     return Loaded(model.float().eval(), tokenizer, name or str(directory), str(directory.resolve()), manifest=manifest)

@@ -17,6 +17,7 @@ from .hub import Loaded, load
 from .inputs import build_inputs
 from .measure.fidelity import compare, ffn_fidelity
 from .measure.flops import count_flops
+from .safety import check_finite, check_out_arg, check_plan_fits, check_step_options, prepare_out, warn_if_exploded
 from .variants import FAMILIES
 from .variants.base import DenseFFN
 
@@ -58,6 +59,7 @@ def convert(
     plan = _plan(model, to, params, recipe, data, distill_options)
     if resume and out is None:
         raise CcliError("--resume needs --out: progress is kept next to the output directory")
+    check_out_arg(out)  # "" would resolve to the working directory
     out_path = Path(out).expanduser().resolve() if out is not None else None
     if out_path is not None and out_path.exists() and not overwrite and (not out_path.is_dir() or any(out_path.iterdir())):
         raise CcliError(f"--out {out_path} already exists and is not empty; choose another directory or pass --overwrite")
@@ -67,6 +69,8 @@ def convert(
         raise CcliError(f"'{plan['model']}' is already a converted ccli model; convert its base model instead")
     arch = view(teacher.model)
     cfg = plan["distill"]
+    check_plan_fits(plan["convert"], arch, cfg.layers)  # before training: every step fits this model
+    prepare_out(out_path, overwrite=overwrite, base=teacher.source, expected_bytes=weight_bytes(teacher.model))
     train = training_text(plan["data"], cfg.short_spans, cfg.seed)
     heldout = load_paragraphs(plan["data"], "heldout")[:heldout_paragraphs]
     batches = tokenize(teacher.tokenizer, train, cfg.max_length)
@@ -112,6 +116,8 @@ def convert(
         progress.log("measuring fidelity on held-out text")
         record["fidelity"] = compare(student, teacher.model, teacher.tokenizer, heldout, cfg.max_length)
         record["fidelity"].update(ffn_fidelity(student, teacher_ffns, heldout_batches))
+    warn_if_exploded(record)
+    check_finite(student, record.get("fidelity"))  # a diverged model is an error, never saved
     if out_path is not None:
         from .checkpoint import save_converted
 
@@ -168,6 +174,7 @@ def _plan(model, to, params, recipe, data, distill_options) -> dict:
                 raise CcliError(f"--{key.replace('_', '-')} does not apply to {step['to']} "
                                 f"(its options: {', '.join('--' + k.replace('_', '-') for k in allowed if k != 'self')})")
         family(**_variant_kwargs(step))
+        check_step_options(step)
     known = {f.name for f in fields(DistillConfig)}
     unknown = set(distill_options) - known
     if unknown:
@@ -175,7 +182,7 @@ def _plan(model, to, params, recipe, data, distill_options) -> dict:
     merged = {**base["distill"], **{k: v for k, v in distill_options.items() if v is not None}}
     cfg = DistillConfig(**merged)
     cfg.validate()
-    return {"model": model or base["model"], "data": data or base["data"], "convert": convert_steps, "distill": cfg}
+    return {"model": model if model is not None else base["model"], "data": data or base["data"], "convert": convert_steps, "distill": cfg}
 
 
 def evaluate(directory: str, *, data: str | None = None, heldout_paragraphs: int = 256) -> dict:

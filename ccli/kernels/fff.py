@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from ccli.kernels import native
 from ccli.kernels.backends import BACKENDS, BackendSelector
+from ccli.safety import MAX_FFF_DEPTH
 
 __all__ = [
     "ACTIVATIONS",
@@ -73,8 +74,8 @@ def fff_macs(n_tokens: int, hidden: int, trees: int, depth: int, leaf_width: int
 def _check_args(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out=None, leaf_linear=0) -> None:
     if activation not in _ACT_FNS:
         raise ValueError(f"fff: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
-    if trees < 1 or depth < 0 or leaf_width < 1 or depth > 30:
-        raise ValueError(f"fff: need trees >= 1, 0 <= depth <= 30, leaf_width >= 1 (got {trees}, {depth}, {leaf_width})")
+    if trees < 1 or depth < 0 or leaf_width < 1 or depth > MAX_FFF_DEPTH:
+        raise ValueError(f"fff: need trees >= 1, 0 <= depth <= {MAX_FFF_DEPTH}, leaf_width >= 1 (got {trees}, {depth}, {leaf_width})")
     if not 0 <= leaf_linear <= leaf_width:
         raise ValueError(f"fff: need 0 <= leaf_linear <= leaf_width (got {leaf_linear} of {leaf_width})")
     if x.dim() != 2:

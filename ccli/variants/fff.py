@@ -38,6 +38,7 @@ from torch import nn
 
 from ..errors import CcliError
 from ..kernels.fff import fff, leaf_activations
+from ..safety import check_fff_size, check_trees_fit
 from .base import DenseFFN, FFNVariant, apply_activation
 
 
@@ -72,8 +73,7 @@ class FFF(nn.Module):
         super().__init__()
         if trees < 1 or depth < 0 or leaf_width < 1:
             raise CcliError(f"FFF needs trees >= 1, depth >= 0 and leaf width >= 1 (got {trees}, {depth}, {leaf_width})")
-        if depth > 20:
-            raise CcliError(f"FFF depth {depth} is too deep (2^{depth} leaves); use depth <= 20")
+        check_fff_size(trees, depth)
         if not 0 <= leaf_linear <= leaf_width:
             raise CcliError(f"FFF leaf-linear must be from 0 to the leaf width {leaf_width} (got {leaf_linear})")
         self.hidden_size, self.trees, self.depth, self.leaf_width = hidden_size, trees, depth, leaf_width
@@ -348,8 +348,7 @@ class FFFVariant(FFNVariant):
                                 ("leaf_linear", leaf_linear, 0)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise CcliError(f"fff: {key.replace('_', '-')} must be an integer >= {low} (got {value!r})")
-        if depth > 20:
-            raise CcliError(f"fff: depth {depth} is too deep (2^{depth} leaves); use depth <= 20")
+        check_fff_size(trees, depth)  # one depth cap, and a cap on the leaves (memory)
         if leaf_linear > leaf_width:
             raise CcliError(f"fff: leaf-linear {leaf_linear} is more than the leaf width {leaf_width} (the linear "
                             "neurons are part of each leaf)")
@@ -364,6 +363,7 @@ class FFFVariant(FFNVariant):
         trees, depth, leaf_width = self.params["trees"], self.params["depth"], self.params["leaf_width"]
         linear = self.params["leaf_linear"]
         gated = leaf_width - linear
+        check_trees_fit(trees, dense.width)
         torch.manual_seed(seed)
         layer = FFF(dense.hidden_size, trees, depth, leaf_width, dense.activation, leaf_linear=linear)
         with torch.no_grad():
