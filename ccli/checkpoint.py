@@ -24,7 +24,8 @@ import torch
 from . import __version__
 from .arch import view
 from .errors import CcliError
-from .safety import block_index, check_manifest, check_replaceable, check_tokenizer, install_dir, one_line_write_errors, tmp_prefix
+from .safety import (block_index, check_manifest, check_replaceable, check_tokenizer, has_tokenizer_files, install_dir,
+                     one_line_write_errors, tmp_prefix)
 
 MANIFEST = "ccli.json"
 FORMAT = 1
@@ -133,5 +134,6 @@ def load_converted(directory: str | Path, *, name: str | None = None, attn_imple
         tokenizer = AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError):
         tokenizer = None
+    tokenizer = tokenizer if has_tokenizer_files(directory) else None  # saved without one: none, not a stand-in
     check_tokenizer(tokenizer, model, str(directory))
     return Loaded(model.float().eval(), tokenizer, name or str(directory), str(directory.resolve()), manifest=manifest)

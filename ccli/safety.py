@@ -307,6 +307,14 @@ def report_loading_info(info: dict, where: str) -> None:
         warn(f"'{where}' has {len(unexpected)} tensors the model does not use ({some(unexpected)})")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model", "tokenizer.model")
+
+
+def has_tokenizer_files(directory: str | Path) -> bool:
+    """Whether `directory` holds tokenizer files (without them transformers makes a stand-in tokenizer)."""
+    return any((Path(directory) / name).is_file() for name in TOKENIZER_FILES)
+
+
 # a tokenizer with fewer entries than this share of the model's embedding rows is not the model's own
 TOKENIZER_MIN_SHARE = 0.5
 

@@ -418,3 +418,20 @@ def test_an_exploding_stage_is_a_warning(work, tmp_path, monkeypatch):
 def test_a_non_finite_fidelity_is_an_error():
     with pytest.raises(CcliError, match="fidelity is not finite"):
         safety.check_finite(torch.nn.Linear(2, 2), {"embedding_cosine": float("nan")})
+
+
+def test_a_converted_directory_checks_its_tokenizer_too(work, tmp_path):
+    import shutil
+
+    foreign = tmp_path / "foreign"
+    shutil.copytree(work["converted"], foreign)
+    for name in ("tokenizer.json", "vocab.txt"):  # the vocabulary is gone, its config stays
+        (foreign / name).unlink(missing_ok=True)
+    with pytest.raises(CcliError, match="its tokenizer has .* tokens but the model has 100 token embeddings"):
+        ccli.load(str(foreign))
+    # a model saved without a tokenizer (the Python API allows it) reloads without one, not with a stand-in
+    for name in safety.TOKENIZER_FILES + ("special_tokens_map.json",):
+        (foreign / name).unlink(missing_ok=True)
+    from ccli.hub import load
+
+    assert load(str(foreign)).tokenizer is None
