@@ -111,7 +111,7 @@ def test_overwrite_refuses_the_base_model(work, tmp_path, no_training):
     shutil.copytree(work["model"], model)
     listing = sorted(p.relative_to(model) for p in model.rglob("*"))
     result = run("convert", model, *TINY_ARGS, "--data", work["text"], "--out", model, "--overwrite")
-    one_line_error(result, "--out")
+    one_line_error(result, "holds the base model being converted")
     assert sorted(p.relative_to(model) for p in model.rglob("*")) == listing
     # the base-model rule on its own, for a directory that does hold a ccli manifest
     (tmp_path / "conv" / "base").mkdir(parents=True)
@@ -223,9 +223,6 @@ def test_the_cli_no_longer_hides_every_warning():
 
 
 # -- 4. progress checkpoints run no code -------------------------------------------------------------------
-
-MARKER = {}
-
 
 def _payload(path):
     with open(path, "w") as f:
