@@ -17,6 +17,7 @@ from .measure.components import additions_by_component, flops_by_component, para
 from .measure.flops import count_flops, torch_flop_count
 from .measure.neurons import active_neurons
 from .measure.timing import time_call
+from .safety import check_min_time
 
 ModelRef = Union[str, Loaded, None]
 
@@ -135,8 +136,10 @@ def bench(
     min_run_time: float = 2.0,
 ) -> list[dict]:
     """End-to-end forward latency, throughput and peak memory of each model, each followed by its
-    reference rows (int8 dynamic quantization on CPU, and the FFN-removed floor)."""
+    reference rows (int8 dynamic quantization on CPU, and the FFN-removed floor). Without baselines a
+    converted model is timed alone (its base model is not loaded)."""
     _check_device(device)
+    check_min_time(min_run_time)
     threads = threads or torch.get_num_threads()
     if threads < 1:
         raise CcliError(f"--threads must be at least 1 (got {threads})")
@@ -145,9 +148,9 @@ def bench(
         loaded = _as_loaded(ref, random_init)
         view(loaded.model)  # fail early on unsupported families
         # A converted model is timed beside its base model, whose dense, int8 and floor rows are the references.
-        base = load(loaded.manifest["base_source"]) if loaded.manifest else loaded
+        base = load(loaded.manifest["base_source"]) if loaded.manifest and with_baselines else loaded
         inputs = build_inputs(base if loaded.manifest else loaded, batch=batch, seq=seq)
-        variants = [("dense", base.model)]
+        variants = [("dense", base.model)] if base is not loaded or not loaded.manifest else []
         if loaded.manifest:
             variants.append((describe_conversion(loaded.manifest), loaded.model))
         if with_baselines:
@@ -160,9 +163,9 @@ def bench(
             if isinstance(source, str):
                 del model
                 gc.collect()
-        dense_ms = model_rows[0]["median_ms"]
+        dense_ms = model_rows[0]["median_ms"] if variants[0][0] == "dense" else None
         for row in model_rows:
-            row["speedup"] = round(dense_ms / row["median_ms"], 3)
+            row["speedup"] = round(dense_ms / row["median_ms"], 3) if dense_ms else None
         rows += model_rows
         loaded.model.to("cpu")
         base.model.to("cpu")
@@ -256,6 +259,7 @@ def bench_layer(
     FFF layer, or its largest ternary linear, is timed against the same part of its base model.
     Timings do not depend on weight values: every token does the same work whatever its route."""
     _check_device(device)
+    check_min_time(min_run_time)
     threads = threads or torch.get_num_threads()
     if to == "fff":
         name, hidden, layer, dense, kernels, work = _fff_layer_case(source, hidden, width, trees, depth, leaf_width)

@@ -17,7 +17,6 @@ when complete, so an interrupted save never leaves a half-written model or damag
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -28,12 +27,15 @@ from ._version import __version__
 from .arch import view
 from .errors import CcliError
 from .loaded import Loaded, model_class
+from .safety import (check_manifest, check_replaceable, check_tokenizer, has_tokenizer_files, install_dir,
+                     one_line_write_errors, tmp_prefix)
 
 MANIFEST = "ccli.json"
 FORMAT = 2
 READABLE_FORMATS = (1, 2)
 
 
+@one_line_write_errors
 def save_converted(model, tokenizer, out: str | Path, manifest: dict, *, overwrite: bool = False) -> Path:
     """Write `model` (with its converted layers), its tokenizer and `manifest` to `out` atomically."""
     from safetensors.torch import save_file
@@ -41,8 +43,10 @@ def save_converted(model, tokenizer, out: str | Path, manifest: dict, *, overwri
     out = Path(out).expanduser().resolve()
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise CcliError(f"--out {out} already exists and is not empty; choose another directory or pass --overwrite")
+    if overwrite:
+        check_replaceable(out, base=manifest.get("base_source"))
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=tmp_prefix(out), dir=out.parent))
     try:
         state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
         state = _untie(state)
@@ -52,13 +56,7 @@ def save_converted(model, tokenizer, out: str | Path, manifest: dict, *, overwri
             tokenizer.save_pretrained(tmp)
         full = {"format": FORMAT, "ccli_version": __version__, **manifest}
         (tmp / MANIFEST).write_text(json.dumps(full, indent=2) + "\n")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        install_dir(tmp, out)  # atomic; the replaced directory's mode, or what mkdir would give
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -83,9 +81,7 @@ def read_manifest(directory: str | Path) -> dict:
         manifest = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise CcliError(f"cannot read the ccli manifest {path}: {exc}") from exc
-    if manifest.get("format") not in READABLE_FORMATS:
-        raise CcliError(f"{path} has manifest format {manifest.get('format')!r}; this ccli reads formats "
-                        f"{', '.join(map(str, READABLE_FORMATS))}")
+    check_manifest(manifest, path, READABLE_FORMATS)
     return manifest
 
 
@@ -107,6 +103,8 @@ def restore_unit(arch, key: str, spec: dict) -> torch.nn.Module:
         return family.restore(arch, key, spec)
     except KeyError as exc:
         raise CcliError(f"the manifest's {spec['variant']} entry lacks '{exc.args[0]}'") from exc
+    except (TypeError, ValueError) as exc:
+        raise CcliError(f"the manifest's {spec['variant']} entry is not a valid layer spec ({exc})") from exc
 
 
 def load_converted(directory: str | Path, *, name: str | None = None, attn_implementation: str | None = None):
@@ -128,7 +126,10 @@ def load_converted(directory: str | Path, *, name: str | None = None, attn_imple
         state = load_file(str(directory / "model.safetensors"))
     except Exception as exc:
         raise CcliError(f"cannot read {directory / 'model.safetensors'}: {exc}") from exc
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # a tensor of another shape than the manifest's layer spec says
+        raise CcliError(f"{directory} does not match its manifest: {' '.join(str(exc).split())[:300]}") from exc
     missing = [k for k in missing if not k.endswith("position_ids")]
     if missing or unexpected:
         raise CcliError(f"{directory} does not match its manifest: {len(missing)} missing and {len(unexpected)} unexpected tensors")
@@ -136,4 +137,6 @@ def load_converted(directory: str | Path, *, name: str | None = None, attn_imple
         tokenizer = AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError):
         tokenizer = None
+    tokenizer = tokenizer if has_tokenizer_files(directory) else None  # saved without one: none, not a stand-in
+    check_tokenizer(tokenizer, model, str(directory))
     return Loaded(model.float().eval(), tokenizer, name or str(directory), str(directory.resolve()), manifest=manifest)

@@ -34,9 +34,24 @@ RandomInitOpt = typer.Option(False, "--random-init", help="Build the architectur
 BatchOpt = typer.Option(1, "--batch", "-b", min=1, help="Sequences per forward pass.")
 
 
+# Library noise a user cannot act on. Every other warning (ccli's own, such as a checkpoint with
+# missing tensors, and the native-kernel fallback) reaches the user as one line on stderr.
+NOISY_WARNINGS = (DeprecationWarning, PendingDeprecationWarning, FutureWarning)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    from rich.markup import escape
+
+    text = " ".join(str(message).split()).removeprefix("ccli: ")
+    err.print(f"[yellow]warning:[/] {escape(text)}", highlight=False, soft_wrap=True)
+
+
 def _quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore")
+    warnings.simplefilter("default")  # each distinct warning once
+    for category in NOISY_WARNINGS:
+        warnings.filterwarnings("ignore", category=category)
+    warnings.showwarning = _show_warning
     logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
@@ -96,7 +111,8 @@ def bench(
     seq: int = typer.Option(128, "--seq", "-s", min=1, help="Tokens per sequence."),
     threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help="CPU threads (default: torch's)."),
     min_time: float = typer.Option(2.0, "--min-time", min=0.05, help="Seconds of timed runs per row."),
-    no_baselines: bool = typer.Option(False, "--no-baselines", help="Skip the int8 and FFN-removed reference rows."),
+    no_baselines: bool = typer.Option(
+        False, "--no-baselines", help="Skip the int8 and FFN-removed reference rows (a converted model is then timed alone, without its base model)."),
     random_init: bool = RandomInitOpt,
     layer: bool = typer.Option(False, "--layer", help="Time one converted layer on each kernel against its dense counterpart instead."),
     to: Optional[str] = typer.Option(None, "--to", help="--layer: fff (default) or ternary."),

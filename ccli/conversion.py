@@ -18,6 +18,7 @@ from .measure.components import additions_by_component, flops_by_component, weig
 from .measure.fidelity import compare, ffn_fidelity
 from .measure.flops import count_flops
 from .progress import Progress
+from .safety import check_blocks_exist, check_finite, check_out_arg, prepare_out, warn_if_exploded
 from .variants import FAMILIES
 
 
@@ -62,6 +63,7 @@ def convert(
     plan = _plan(model, to, params, recipe, data, distill_options)
     if resume and out is None:
         raise CcliError("--resume needs --out: progress is kept next to the output directory")
+    check_out_arg(out)  # "" would resolve to the working directory
     out_path = Path(out).expanduser().resolve() if out is not None else None
     if out_path is not None and out_path.exists() and not overwrite and (not out_path.is_dir() or any(out_path.iterdir())):
         raise CcliError(f"--out {out_path} already exists and is not empty; choose another directory or pass --overwrite")
@@ -69,8 +71,10 @@ def convert(
     teacher = load(plan["model"])
     if teacher.manifest is not None:
         raise CcliError(f"'{plan['model']}' is already a converted ccli model; convert its base model instead")
-    view(teacher.model)  # fail early on unsupported model families
+    arch = view(teacher.model)  # fails early on unsupported model families
     cfg = plan["distill"]
+    _check_plan_fits(plan, arch)
+    prepare_out(out_path, overwrite=overwrite, base=teacher.source, expected_bytes=weight_bytes(teacher.model))
     train = training_text(plan["data"], cfg.short_spans, cfg.seed)
     heldout = load_paragraphs(plan["data"], "heldout")[:heldout_paragraphs]
     batches = tokenize(teacher.tokenizer, train, cfg.max_length)
@@ -81,9 +85,20 @@ def convert(
         progress.log("measuring fidelity on held-out text")
         record["fidelity"] = compare(student, teacher.model, teacher.tokenizer, heldout, cfg.max_length)
         record["fidelity"].update(ffn_fidelity(student, teacher.model, tokenize(teacher.tokenizer, heldout, cfg.max_length)))
+    warn_if_exploded(record)
+    check_finite(student, record.get("fidelity"))  # a diverged model is an error, never saved
     if out_path is not None:
         record["out"] = str(_save(teacher, student, plan, units, record, out_path, overwrite))
     return record
+
+
+def _check_plan_fits(plan: dict, arch) -> None:
+    """Before training: every step's blocks exist, and each family accepts the parts it will convert."""
+    for step in plan["convert"]:
+        blocks = step.get("layers", plan["distill"].layers)
+        blocks = list(range(len(arch.blocks))) if blocks is None else blocks
+        check_blocks_exist(blocks, len(arch.blocks))
+        FAMILIES[step["to"]](**_variant_kwargs(step)).check_model(arch, blocks)
 
 
 def _run_steps(teacher: Loaded, plan: dict, batches: list[dict], out_path: Path | None, resume: bool,
@@ -189,7 +204,7 @@ def _plan(model, to, params, recipe, data, distill_options) -> dict:
     merged = {**base["distill"], **{k: v for k, v in distill_options.items() if v is not None}}
     cfg = DistillConfig(**merged)
     cfg.validate()
-    return {"model": model or base["model"], "data": data or base["data"], "convert": convert_steps, "distill": cfg}
+    return {"model": model if model is not None else base["model"], "data": data or base["data"], "convert": convert_steps, "distill": cfg}
 
 
 def evaluate(directory: str, *, data: str | None = None, heldout_paragraphs: int = 256) -> dict:

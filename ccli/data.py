@@ -49,7 +49,11 @@ def _paragraphs_from_text(text: str) -> list[str]:
 
 def _from_jsonl(path: Path) -> list[str]:
     paragraphs = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise CcliError(f"--data '{path}' is not UTF-8 text (JSONL is)") from exc
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:

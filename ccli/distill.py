@@ -40,6 +40,7 @@ from .capture import TokenRows, capture
 from .errors import CcliError
 from .measure.fidelity import relative_error
 from .progress import Progress
+from .safety import load_progress_file, option_name, plain_random_state, random_state, writing
 from .variants.base import Variant, converted_modules
 
 E2E_TARGETS = ("last", "all")
@@ -64,11 +65,11 @@ class DistillConfig:
         for key in ("steps", "e2e_steps", "tokens", "batch_tokens", "max_length", "e2e_batch"):
             value = getattr(self, key)
             if not isinstance(value, int) or value < (0 if key in ("steps", "e2e_steps") else 1):
-                raise CcliError(f"--{key.replace('_', '-')} must be a {'non-negative' if 'steps' in key else 'positive'} integer (got {value!r})")
+                raise CcliError(f"{option_name(key)} must be a {'non-negative' if 'steps' in key else 'positive'} integer (got {value!r})")
         for key in ("lr", "e2e_lr"):
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or not 0 < value < 1:
-                raise CcliError(f"--{key.replace('_', '-')} must be between 0 and 1 (got {value!r})")
+                raise CcliError(f"{option_name(key)} must be between 0 and 1 (got {value!r})")
         if not isinstance(self.short_spans, (int, float)) or isinstance(self.short_spans, bool) or not 0 <= self.short_spans <= 4:
             raise CcliError(f"--short-spans must be a number from 0 to 4 (got {self.short_spans!r})")
         if self.e2e_target not in E2E_TARGETS:
@@ -143,8 +144,9 @@ def _eval_error(layer: nn.Module, x, y: torch.Tensor) -> float:
 def _atomic_save(obj, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with writing(path, tmp):  # a failed write: one line, and no half-written file left
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
 
 
 def distill(
@@ -172,7 +174,7 @@ def distill(
     blocks = cfg.layers if cfg.layers is not None else list(range(n_blocks))
     bad = [i for i in blocks if not 0 <= i < n_blocks]
     if bad:
-        raise CcliError(f"--layers {bad[0]} is out of range: the model has blocks 0-{n_blocks - 1}")
+        raise CcliError(f"layers: block {bad[0]} is out of range: the model has blocks 0-{n_blocks - 1} (the recipe's 'layers' key)")
     report = DistillReport()
     specs: dict[str, dict] = {}
     state = _load_progress(checkpoint, run_key) if resume else None
@@ -190,7 +192,7 @@ def distill(
                     module.load_state_dict(state["modules"][unit.key])
                     module.eval()
                     specs[unit.key] = state["specs"][unit.key]
-                    report.layers.append(state["reports"][unit.key])
+                    report.layers.append(LayerReport(**state["reports"][unit.key]))
                     progress.log(f"{unit.label}: restored from checkpoint")
                     continue
                 t0 = time.perf_counter()
@@ -212,7 +214,7 @@ def distill(
                 if checkpoint is not None:
                     state["modules"][unit.key] = module.state_dict()
                     state["specs"][unit.key] = unit.spec
-                    state["reports"][unit.key] = unit_report
+                    state["reports"][unit.key] = vars(unit_report).copy()  # plain data: checkpoints load weights_only
                     _atomic_save(state, checkpoint)
         if cfg.e2e_steps:
             saver = _E2ECheckpoint(state, checkpoint) if checkpoint is not None else None
@@ -227,10 +229,7 @@ def distill(
 def _load_progress(checkpoint: Path | None, run_key: dict | None):
     if checkpoint is None or not checkpoint.is_file():
         return None
-    try:
-        state = torch.load(checkpoint, weights_only=False)
-    except Exception as exc:  # a damaged checkpoint must not stop a fresh start
-        raise CcliError(f"cannot read the progress checkpoint {checkpoint} ({type(exc).__name__}); delete it to start over") from exc
+    state = load_progress_file(checkpoint)  # tensors and plain data only: no code runs while it loads
     if state.get("key") != run_key:
         raise CcliError(f"the checkpoint {checkpoint} is from a run with different settings; delete it or drop --resume")
     return state
@@ -311,13 +310,13 @@ def end_to_end(student: nn.Module, teacher: nn.Module, batches: list[dict], cfg:
             m.load_state_dict(module_state)
         optimizer.load_state_dict(restored["optimizer"])
         schedule.load_state_dict(restored["schedule"])
-        generator.setstate(restored["sampler"])
+        generator.setstate(random_state(restored["sampler"]))
         losses = list(restored["losses"])
         progress.log(f"end to end: restored from checkpoint at step {len(losses)} of {cfg.e2e_steps}")
 
     def snapshot() -> dict:
         return {"modules": [m.state_dict() for m in layers], "optimizer": optimizer.state_dict(),
-                "schedule": schedule.state_dict(), "sampler": generator.getstate(), "losses": list(losses),
+                "schedule": schedule.state_dict(), "sampler": plain_random_state(generator.getstate()), "losses": list(losses),
                 "probe_before": probe_before}
 
     task = progress.task("end to end", cfg.e2e_steps)

@@ -23,6 +23,7 @@ import torch
 
 from .errors import CcliError
 from .loaded import Loaded, model_class
+from .safety import check_model_name, check_tokenizer, refuse_converted_without_manifest, report_loading_info
 
 DEFAULT_MODEL = "minilm"
 
@@ -54,6 +55,7 @@ def embedded_model_dir() -> Path:
 
 def canonical_name(name: str | None) -> str:
     """The alias or id a user-supplied name stands for, for display."""
+    check_model_name(name)  # "" is an error, not the default model
     if name in (None, "", "default"):
         return DEFAULT_MODEL
     return name
@@ -105,7 +107,7 @@ def _from_pretrained(loader, location: str, name: str, kind: str, **kwargs):
     if kind == "dir":
         try:
             return loader(location, **kwargs)
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: tensors of the wrong shape
             raise CcliError(f"cannot load a model from '{location}': {_first_line(exc)}") from exc
     try:
         return loader(location, local_files_only=True, **kwargs)
@@ -170,14 +172,19 @@ def load(
         from .checkpoint import load_converted
 
         return load_converted(location, name=name, attn_implementation=attn_implementation)
+    if kind == "dir":
+        refuse_converted_without_manifest(location)
     config = _from_pretrained(AutoConfig.from_pretrained, location, name, kind)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = _from_pretrained(model_class(config).from_pretrained, location, name, kind, config=config, **extra)
+        model, info = _from_pretrained(model_class(config).from_pretrained, location, name, kind, config=config,
+                                       output_loading_info=True, **extra)
+    report_loading_info(info, name)  # missing tensors got random values: say so
     try:
         tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, location, name, kind)
     except CcliError:
         tokenizer = None
+    check_tokenizer(tokenizer, model, name)
     return Loaded(model.float().eval(), tokenizer, name, location)
 
 

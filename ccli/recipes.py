@@ -43,6 +43,12 @@ def load_recipe(path: str | Path) -> dict:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError as exc:
         raise CcliError(f"{where}: no such file") from exc
+    except IsADirectoryError as exc:
+        raise CcliError(f"{where} is a directory; give the recipe's YAML file") from exc
+    except OSError as exc:
+        raise CcliError(f"{where}: cannot read it ({exc.strerror})") from exc
+    except UnicodeDecodeError as exc:
+        raise CcliError(f"{where} is not UTF-8 text (a YAML recipe is)") from exc
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark else ""
@@ -63,6 +69,9 @@ def load_recipe(path: str | Path) -> dict:
     for n, step in enumerate(steps):
         if not isinstance(step, dict) or "to" not in step:
             raise CcliError(f"{where}: convert[{n}] must be a mapping with a 'to' key")
+        if not isinstance(step["to"], str):
+            raise CcliError(f"{where}: convert[{n}].to must be a variant family name ({', '.join(FAMILIES)}), "
+                            f"not {type(step['to']).__name__} {step['to']!r}")
         family = FAMILIES.get(step["to"])
         if family is None:
             raise CcliError(f"{where}: convert[{n}].to '{step['to']}' is not a variant family ({', '.join(FAMILIES)})")
@@ -97,6 +106,8 @@ def load_recipe(path: str | Path) -> dict:
                 pass
             distill[key] = value
         ok = isinstance(value, (int, float)) if expected is float else isinstance(value, expected)
+        if expected is list and ok and not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+            raise CcliError(f"{where}: 'distill.layers' must be a list of block indices (got {value!r})")
         if not ok or isinstance(value, bool):
             kind = {float: "a number", list: "a list", str: "a string"}.get(expected, "an integer")
             raise CcliError(f"{where}: 'distill.{key}' must be {kind} (got {value!r})")

@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import sys
 
+from .safety import json_safe
+
 from rich.console import Console
 from rich.table import Table
 
 
 def print_json(records) -> None:
     """Only JSON goes to stdout with --json; progress and logs go to stderr."""
-    sys.stdout.write(json.dumps(records, indent=2) + "\n")
+    sys.stdout.write(json.dumps(json_safe(records), indent=2, allow_nan=False) + "\n")  # NaN -> null
 
 
 def _si(value: float | None, unit: str = "") -> str:
@@ -99,7 +101,7 @@ def bench_table(rows: list[dict]) -> Table:
     for r in rows:
         table.add_row(
             r["model"], r["variant"], f"{r['median_ms']:.2f}", f"{r['iqr_ms']:.2f}", f"{r['p90_ms']:.2f}",
-            f"{r['tokens_per_s']:.0f}", f"{r['peak_mem_mb']:.0f}", f"{r['speedup']:.2f}x",
+            f"{r['tokens_per_s']:.0f}", f"{r['peak_mem_mb']:.0f}", "-" if r["speedup"] is None else f"{r['speedup']:.2f}x",
         )
     return table
 

@@ -40,6 +40,8 @@ from ccli.kernels.registry import KernelOp, register_op
 __all__ = [
     "ACTIVATIONS",
     "BACKENDS",
+    "MAX_DEPTH",
+    "MAX_LEAVES",
     "available_backends",
     "fff",
     "fff_macs",
@@ -53,6 +55,11 @@ __all__ = [
 
 ACTIVATIONS = activations.NAMES
 _ACT_FNS = activations.FUNCTIONS
+
+# Tree size: the one depth cap (kernels, module and variant), and a cap on the leaves of a layer
+# (trees x 2^depth), past which building and growing the trees runs out of memory.
+MAX_DEPTH = 20
+MAX_LEAVES = 2**16
 
 
 def fff_rows(trees: int, depth: int, leaf_width: int) -> int:
@@ -68,8 +75,8 @@ def fff_macs(n_tokens: int, hidden: int, trees: int, depth: int, leaf_width: int
 def _check_args(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out=None, leaf_linear=0) -> None:
     if activation not in _ACT_FNS:
         raise ValueError(f"fff: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
-    if trees < 1 or depth < 0 or leaf_width < 1 or depth > 30:
-        raise ValueError(f"fff: need trees >= 1, 0 <= depth <= 30, leaf_width >= 1 (got {trees}, {depth}, {leaf_width})")
+    if trees < 1 or depth < 0 or leaf_width < 1 or depth > MAX_DEPTH:
+        raise ValueError(f"fff: need trees >= 1, 0 <= depth <= {MAX_DEPTH}, leaf_width >= 1 (got {trees}, {depth}, {leaf_width})")
     if not 0 <= leaf_linear <= leaf_width:
         raise ValueError(f"fff: need 0 <= leaf_linear <= leaf_width (got {leaf_linear} of {leaf_width})")
     if x.dim() != 2:

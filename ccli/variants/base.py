@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import CcliError
+from ..safety import block_index
 from ..kernels.activations import ACTIVATIONS, activation_name, apply_activation  # noqa: F401  (re-exported)
 from .module import ConvertedModule, converted_modules, is_converted, wrap_block  # noqa: F401  (re-exported)
 
@@ -136,6 +137,9 @@ class Variant(ABC):
     def units(self, arch: "ArchView", block: int) -> list[Unit]:
         """The parts of block `block` this variant replaces, in forward order (not yet replaced ones)."""
 
+    def check_model(self, arch: "ArchView", blocks: list[int]) -> None:
+        """Before any training: refuse, in one line, a model whose `blocks` this family cannot convert."""
+
     @classmethod
     @abstractmethod
     def restore(cls, arch: "ArchView", key: str, spec: dict) -> nn.Module:
@@ -151,13 +155,7 @@ def _spec_value(spec: dict, key: str):
 
 
 def _block_index(arch: "ArchView", key: str) -> int:
-    try:
-        index = int(key)
-    except ValueError:
-        raise CcliError(f"the manifest names block {key!r}, which is not a block index") from None
-    if not 0 <= index < len(arch.blocks):
-        raise CcliError(f"the manifest names block {index}; the model has blocks 0-{len(arch.blocks) - 1}")
-    return index
+    return block_index(key, len(arch.blocks), "ccli.json")
 
 
 @dataclass
@@ -218,6 +216,11 @@ class FFNVariant(Variant):
 
     def check_dense(self, dense: DenseFFN) -> None:
         """Refuse an FFN this family cannot convert (one-line CcliError)."""
+
+    def check_model(self, arch, blocks: list[int]) -> None:
+        for i in blocks:
+            if arch.blocks[i].ffn.replaced is None:
+                self.check_dense(DenseFFN.from_view(arch.blocks[i].ffn))
 
     def units(self, arch, block: int) -> list[Unit]:
         ffn = arch.blocks[block].ffn

@@ -39,10 +39,8 @@ import torch
 from torch import nn
 
 from ..errors import CcliError
-from ..kernels.fff import fff, leaf_activations
+from ..kernels.fff import MAX_DEPTH, MAX_LEAVES, fff, leaf_activations
 from .base import ConvertedModule, DenseFFN, FFNVariant, VariantConfig, apply_activation, option
-
-MAX_DEPTH = 20  # 2^20 leaves per tree: deeper trees do not fit in memory at any useful width
 
 
 def neurons_per_tree(depth: int, leaf_width: int) -> int:
@@ -75,8 +73,7 @@ class FFF(ConvertedModule):
         super().__init__()
         if trees < 1 or depth < 0 or leaf_width < 1:
             raise CcliError(f"FFF needs trees >= 1, depth >= 0 and leaf width >= 1 (got {trees}, {depth}, {leaf_width})")
-        if depth > MAX_DEPTH:
-            raise CcliError(f"FFF depth {depth} is too deep (2^{depth} leaves); use depth <= {MAX_DEPTH}")
+        _check_size(trees, depth)
         if not 0 <= leaf_linear <= leaf_width:
             raise CcliError(f"FFF leaf-linear must be from 0 to the leaf width {leaf_width} (got {leaf_linear})")
         self.hidden_size, self.trees, self.depth, self.leaf_width = hidden_size, trees, depth, leaf_width
@@ -343,6 +340,15 @@ def _fit_leaf_linear(layer: FFF, dense: DenseFFN, x: torch.Tensor) -> None:
     layer._kernel_cache = None  # the weights changed through .data, which the kernel's cache cannot see
 
 
+def _check_size(trees: int, depth: int) -> None:
+    """The one depth cap, and a cap on the leaves of a layer, past which growing the trees runs out of memory."""
+    if depth > MAX_DEPTH:
+        raise CcliError(f"fff: depth {depth} is too deep (2^{depth} leaves); use depth <= {MAX_DEPTH}")
+    if trees * 2**depth > MAX_LEAVES:
+        raise CcliError(f"fff: trees x 2^depth = {trees} x 2^{depth} = {trees * 2**depth} leaves per layer, more than "
+                        f"the limit of {MAX_LEAVES} (memory); use fewer trees or a smaller depth")
+
+
 @dataclass
 class FFFConfig(VariantConfig):
     family = "fff"
@@ -352,6 +358,7 @@ class FFFConfig(VariantConfig):
     leaf_linear: int = option(0, "how many of each leaf's neurons are linear (no activation)", low=0)
 
     def check(self) -> None:
+        _check_size(self.trees, self.depth)
         if self.leaf_linear > self.leaf_width:
             raise CcliError(f"fff: leaf-linear {self.leaf_linear} is more than the leaf width {self.leaf_width} (the "
                             "linear neurons are part of each leaf)")
@@ -364,6 +371,10 @@ class FFFVariant(FFNVariant):
     def check_dense(self, dense: DenseFFN) -> None:
         if dense.gated:
             raise CcliError("fff: gated FFNs (LLaMA family) are not supported yet: their neurons are act(gate)*up pairs")
+        trees = self.params["trees"]
+        if trees > dense.width:  # each tree starts from its own group of the dense neurons
+            raise CcliError(f"fff: {trees} trees for an FFN of {dense.width} neurons; each tree needs at least one, "
+                            f"use --trees <= {dense.width}")
 
     @classmethod
     def skeleton(cls, hidden_size: int, spec: dict) -> FFF:

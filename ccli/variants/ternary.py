@@ -268,6 +268,10 @@ class TernaryConfig(VariantConfig):
     group_size: int = option(128, "input columns per scale with --scale group", low=1)
     outliers: int = option(0, "weights per linear kept in float, the largest against their scale", low=0)
 
+    def check(self) -> None:
+        if self.scale != "group" and self.group_size != 128:
+            raise CcliError(f"ternary: --group-size applies only with --scale group (the scale here is {self.scale!r})")
+
 
 class TernaryVariant(LinearVariant):
     name = "ternary"

@@ -1,0 +1,35 @@
+"""Tiny random models saved as real checkpoint directories (weights, config and a small WordPiece
+tokenizer of the model's own vocabulary), and a small text file, for fast end-to-end runs of the CLI."""
+
+import random
+from pathlib import Path
+
+WORDS = "the of and to a in is it that for on with as was by this be are from at or an".split()
+
+
+def tiny_bert_dir(directory: Path, tokenizer: bool = True) -> Path:
+    from transformers import BertTokenizer
+
+    from tiny import tiny
+
+    directory = Path(directory)
+    tiny("bert").save_pretrained(directory)
+    if tokenizer:
+        vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS + list("bcdefghjklmnpqrsuvwxyz0123456789.,;:'()-")
+        vocab += ["##" + c for c in "abcdefghijklmnopqrstuvwxyz"]
+        vocab = list(dict.fromkeys(vocab))[:100]
+        BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(directory)
+    return directory
+
+
+def small_text(path: Path, paragraphs: int = 80) -> Path:
+    rng = random.Random(0)
+    text = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 40))) for _ in range(paragraphs)]
+    Path(path).write_text("\n\n".join(text) + "\n")
+    return Path(path)
+
+
+# a conversion as small as it gets: every stage runs, in seconds
+TINY = dict(to="fff", params={"depth": 1, "leaf_width": 8}, steps=2, tokens=256, batch_tokens=128,
+            heldout_paragraphs=8, show_progress=False)
+TINY_ARGS = ["--to", "fff", "--depth", "1", "--leaf-width", "8", "--steps", "2", "--tokens", "256"]
