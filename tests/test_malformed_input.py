@@ -6,25 +6,11 @@ import json
 import shutil
 
 import pytest
-from typer.testing import CliRunner
 
 from ccli import distill as distill_module
-from ccli.cli import app
 from ccli.conversion import convert
-from tiny_dirs import TINY, TINY_ARGS, small_text, tiny_bert_dir
+from tiny_dirs import TINY, TINY_ARGS, one_line_error, run, small_text, tiny_bert_dir
 
-runner = CliRunner()
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def one_line_error(result, message):
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert result.stderr.startswith("error:") and message in result.stderr, result.stderr
 
 
 @pytest.fixture(scope="module")

@@ -8,31 +8,14 @@ import stat
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
 import ccli
 from ccli import distill as distill_module
 from ccli import safety
-from ccli.cli import app
 from ccli.conversion import convert
 from ccli.errors import CcliError
-from tiny_dirs import TINY, TINY_ARGS, small_text, tiny_bert_dir
+from tiny_dirs import TINY, TINY_ARGS, one_line_error, run, small_text, tiny_bert_dir
 
-runner = CliRunner()
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def one_line_error(result, message, alone=True):
-    """Exit code 2 and one error line; `alone`: nothing else on stderr (no training progress came before)."""
-    assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and message in lines[0], result.stderr
-    if alone:
-        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 @pytest.fixture(scope="module")

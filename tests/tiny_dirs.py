@@ -33,3 +33,22 @@ def small_text(path: Path, paragraphs: int = 80) -> Path:
 TINY = dict(to="fff", params={"depth": 1, "leaf_width": 8}, steps=2, tokens=256, batch_tokens=128,
             heldout_paragraphs=8, show_progress=False)
 TINY_ARGS = ["--to", "fff", "--depth", "1", "--leaf-width", "8", "--steps", "2", "--tokens", "256"]
+
+
+def run(*args):
+    """The CLI on these arguments (typer's runner, stdout and stderr apart)."""
+    from typer.testing import CliRunner
+
+    from ccli.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def one_line_error(result, message, alone=True):
+    """Exit code 2 and one error line; `alone`: nothing else on stderr (no training progress came before)."""
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    if alone:
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
