@@ -125,8 +125,8 @@ def test_a_block_family_defined_outside_ccli_converts_saves_reloads_profiles_and
     (row,) = profile(str(out), seq=16, cross_check=False)
     assert row["flops_by_component"]["ffn"] > 0 and row["flops_by_component"]["attention_proj"] > 0
     assert [a["computed"] for a in row["active_neurons"]] == [64, 64]
-    rows = bench(str(out), seq=16, min_run_time=0.05, with_baselines=False)
-    assert [r["variant"] for r in rows] == ["dense", "blockgate init=0.5"]
+    rows = bench(str(out), seq=16, min_run_time=0.05)
+    assert [r["variant"] for r in rows] == ["dense", "blockgate init=0.5", "int8-dynamic", "ffn-removed"]
     assert all(r["median_ms"] > 0 for r in rows)
 
 
