@@ -222,6 +222,7 @@ def compare(
     min_time: float = typer.Option(0.5, "--min-time", min=0.01, help="Seconds of timed runs per row, length and round."),
     rounds: int = typer.Option(5, "--rounds", min=1, help="Interleaved timing rounds; the median over rounds is reported."),
     data: Optional[str] = typer.Option(None, "--data", help="Held-out text: bundled, a .txt or .jsonl file, or hf:NAME."),
+    paragraphs: int = typer.Option(256, "--paragraphs", min=2, help="Held-out paragraphs to score fidelity on (the first N)."),
     plot: Optional[str] = typer.Option(None, "--plot", help="Also write fidelity against latency, with the Pareto frontier, to this .png or .svg."),
     as_json: bool = JsonOpt,
 ):
@@ -238,7 +239,7 @@ def compare(
         records = _run(lambda: compare_models(
             models or [None], baselines=chosen,
             seq=seqs, threads=threads, device=device, min_time=min_time, rounds=rounds, data=data,
-            progress=None if as_json else (lambda message: err.print(message, highlight=False)),
+            heldout_paragraphs=paragraphs, progress=None if as_json else (lambda message: err.print(message, highlight=False)),
         ))
     if plot:
         _run(lambda: report.plot_frontier(records, plot))
