@@ -213,3 +213,34 @@ def test_plot_without_matplotlib_names_the_install_command(tiny_bert, tmp_path, 
     result = runner.invoke(app, ["compare", tiny_bert, "--plot", str(tmp_path / "f.svg")])
     assert result.exit_code == 2 and "pip install 'ccli[plot]'" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_rows_are_timed_in_interleaved_rounds_and_the_median_of_rounds_is_reported(tiny_bert, monkeypatch):
+    """Each round times every row at every length in turn; a row's latency is the median of its
+    rounds' medians and its speedup is the dense row's median over its own."""
+    import statistics
+
+    import ccli.frontier as frontier
+    from ccli.measure.timing import Timing
+
+    calls = []
+
+    def fake_time_call(fn, **kwargs):
+        model, x = fn.__defaults__
+        calls.append((model, x["input_ids"].shape[1]))
+        ms = float(len(calls) % 7 + 1)  # a different, known number per call
+        return Timing(median_ms=ms, iqr_ms=0.0, p90_ms=ms, runs=1, peak_mem_mb=0.0)
+
+    monkeypatch.setattr(frontier, "time_call", fake_time_call)
+    records = ccli.compare(tiny_bert, baselines=["ffn-removed", "fp16"], **{**FAST, "seq": [4, 8], "rounds": 3})
+    models = [m for m, _ in calls[:3]]
+    assert len(set(map(id, models))) == 3
+    expected = [(models[i], s) for _ in range(3) for s in (4, 8) for i in range(3)]
+    assert [(id(m), s) for m, s in calls] == [(id(m), s) for m, s in expected]
+    for i, record in enumerate(records):
+        for k, s in enumerate((4, 8)):
+            mine = [n % 7 + 1 for n, (m, length) in enumerate(calls, 1) if m is models[i] and length == s]
+            dense = [n % 7 + 1 for n, (m, length) in enumerate(calls, 1) if m is models[0] and length == s]
+            entry = record["latency"][k]
+            assert entry["rounds"] == 3 and entry["median_ms"] == statistics.median(mine)
+            assert entry["speedup"] == round(statistics.median(dense) / statistics.median(mine), 3)
