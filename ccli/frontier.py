@@ -115,6 +115,8 @@ def _parse_models(refs: list[ModelRef]):
     base_source = bases.pop()
     plain = [m for _, m in loaded if not m.manifest]
     base = plain[0] if plain else load(base_source)
+    if not plain:  # the name the base model was converted under ("minilm"), not its directory
+        base.name = next(m.manifest.get("base_model") or base.name for _, m in loaded)
     if base.tokenizer is None:
         raise CcliError(f"'{base.name}' has no tokenizer: compare measures fidelity on held-out text, which needs one")
     view(base.model)  # fail early on unsupported families
