@@ -4,6 +4,7 @@ Python API (the CLI is a thin layer over these):
     model, tokenizer = ccli.load("minilm")
     ccli.profile("minilm")        -> list of profile records
     ccli.bench("minilm")          -> list of bench records
+    ccli.compare(["DIR"], baselines=True) -> one record per row, Pareto frontier marked
 """
 
 from __future__ import annotations
@@ -45,9 +46,17 @@ def evaluate(*args, **kwargs):
     return _evaluate(*args, **kwargs)
 
 
+def compare(*args, **kwargs):
+    from .frontier import compare_models
+
+    return compare_models(*args, **kwargs)
+
+
 convert.__doc__ = "Convert a model's FFNs into a conditional-compute variant by distillation (see ccli.conversion.convert)."
 evaluate.__doc__ = "Fidelity of a converted model directory to its base model (see ccli.conversion.evaluate)."
 profile.__doc__ = "Parameters, FLOPs per token by component and active neurons per token (see ccli.api.profile)."
+compare.__doc__ = ("Fidelity, FLOPs, weights and interleaved latency of models and baselines against one base model, "
+                   "with the Pareto frontier marked (see ccli.frontier.compare_models).")
 bench.__doc__ = "End-to-end latency, tokens/s and peak memory against int8 and the FFN-removed floor (see ccli.api.bench)."
 
-__all__ = ["CcliError", "load", "profile", "bench", "convert", "evaluate", "__version__"]
+__all__ = ["CcliError", "load", "profile", "bench", "convert", "evaluate", "compare", "__version__"]

@@ -61,7 +61,10 @@ def _run(action):
     try:
         return action()
     except CcliError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        from rich.markup import escape
+
+        # escaped: a message may hold brackets (pip install 'ccli[plot]') that rich would take for markup
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(exc.exit_code)
     except KeyboardInterrupt:
         err.print("interrupted")
@@ -227,6 +230,43 @@ def evaluate(
     _emit([record], as_json, "eval")
 
 
+@app.command()
+def compare(
+    models: Optional[List[str]] = typer.Argument(None, help="Converted directories (or the base model itself); default: the embedded minilm."),
+    baselines: bool = typer.Option(False, "--baselines", help="Add the base model's int8-dynamic and FFN-removed rows, and fp16/bf16 where the device computes them natively."),
+    baseline: Optional[List[str]] = typer.Option(None, "--baseline", help="Add this baseline row (repeatable): int8-dynamic, ffn-removed, fp16, bf16."),
+    seq: str = typer.Option("16,128", "--seq", "-s", help="Sequence lengths to time, comma separated."),
+    threads: Optional[int] = typer.Option(None, "--threads", "-t", min=1, help="CPU threads (default: torch's)."),
+    device: str = typer.Option("cpu", "--device", "-d", help="cpu or cuda (for timing; fidelity is measured on CPU)."),
+    min_time: float = typer.Option(0.5, "--min-time", min=0.01, help="Seconds of timed runs per row, length and round."),
+    rounds: int = typer.Option(5, "--rounds", min=1, help="Interleaved timing rounds; the median over rounds is reported."),
+    data: Optional[str] = typer.Option(None, "--data", help="Held-out text: bundled, a .txt or .jsonl file, or hf:NAME."),
+    paragraphs: int = typer.Option(256, "--paragraphs", min=2, help="Held-out paragraphs to score fidelity on (the first N)."),
+    plot: Optional[str] = typer.Option(None, "--plot", help="Also write fidelity against latency, with the Pareto frontier, to this .png or .svg."),
+    as_json: bool = JsonOpt,
+):
+    """Fidelity against the base model, FLOPs, weights and latency of models and baselines in one
+    interleaved run, with the fidelity/latency Pareto frontier marked."""
+    from . import report
+    from .frontier import compare_models
+
+    seqs = _run(lambda: _int_list(seq, "--seq"))
+    if plot:
+        _run(lambda: report.check_plot(plot))
+    chosen = (["all"] if baselines else []) + list(baseline or [])
+    with _status("comparing", as_json):
+        records = _run(lambda: compare_models(
+            models or [None], baselines=chosen,
+            seq=seqs, threads=threads, device=device, min_time=min_time, rounds=rounds, data=data,
+            heldout_paragraphs=paragraphs, progress=None if as_json else (lambda message: err.print(message, highlight=False)),
+        ))
+    if plot:
+        _run(lambda: report.plot_frontier(records, plot))
+    _emit(records, as_json, "compare")
+    if plot and not as_json:
+        out.print(f"plot written to {plot}", highlight=False)
+
+
 def _emit(records: list[dict], as_json: bool, kind: str) -> None:
     from . import report
 
@@ -239,6 +279,7 @@ def _emit(records: list[dict], as_json: bool, kind: str) -> None:
         "convert": lambda: report.convert_tables(records[0]),
         "eval": lambda: report.fidelity_tables(records[0]),
         "bench-layer": lambda: [report.layer_table(records)],
+        "compare": lambda: [report.compare_table(records)],
     }[kind]()
     report.render(out, tables)
     notes = {r["note"] for r in records if r.get("note")}

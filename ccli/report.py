@@ -205,3 +205,104 @@ def layer_table(rows: list[dict]) -> Table:
 def render(console: Console, tables) -> None:
     for table in tables:
         console.print(table)
+
+
+def _fidelity_columns(task: str) -> list[tuple[str, object]]:
+    """(header, cell) for compare's fidelity columns: pooled-embedding measures for embedding
+    models, next-token measures for models with an LM head."""
+    if task == "lm":
+        return [("perplexity", lambda f: f"{f['perplexity_student']:.2f}"),
+                ("KL", lambda f: f"{f['kl']:.4f}"),
+                ("top-1 agree", lambda f: f"{f['top1_agreement']:.1%}")]
+    return [("cosine mean", lambda f: f"{f['embedding_cosine']:.4f}"),
+            ("cosine worst", lambda f: f"{f['embedding_cosine_min']:.4f}"),
+            ("6-word cosine", lambda f: f"{f['embedding_cosine_short']:.4f}"),
+            ("retrieval agree", lambda f: f"{f['retrieval_agreement']:.1%}")]
+
+
+def compare_table(records: list[dict]) -> Table:
+    """ccli compare: one row per model or baseline; fidelity, work, latency and speedup per length."""
+    first = records[0]
+    seqs = [entry["seq"] for entry in first["latency"]]
+    held = first["heldout"]
+    measure = "pooled cosine (mean)" if first["frontier_measure"] == "embedding_cosine" else "KL"
+    table = Table(
+        title=f"ccli compare - {first['base_model']}, {first['device']}, batch 1, {first['threads']} thread(s)",
+        caption=f"fidelity against {first['base_model']} on {held['paragraphs']} held-out paragraphs ({held['data']}); "
+                f"latency: median over {first['latency'][0]['rounds']} interleaved rounds; speedup against dense; "
+                f"* = on the {measure} / latency Pareto frontier at that length; FLOPs at seq {seqs[-1]}",
+    )
+    table.add_column("row")
+    table.add_column("conversion")
+    columns = _fidelity_columns(first["task"])
+    for header, _ in columns:
+        table.add_column(header, justify="right")
+    table.add_column("FLOPs/token", justify="right")
+    table.add_column("weights", justify="right")
+    for s in seqs:
+        table.add_column(f"ms @{s}", justify="right")
+        table.add_column(f"x @{s}", justify="right")
+    for r in records:
+        cells = [r["row"], r["conversion"] or ""]
+        cells += [cell(r["fidelity"]) for _, cell in columns]
+        cells += [_si(r["latency"][-1]["flops_per_token"]), _si(r["weight_bytes"], "B")]
+        for entry in r["latency"]:
+            mark = "*" if entry["pareto"] else ""
+            cells += [f"{entry['median_ms']:.2f}{mark}", f"{entry['speedup']:.2f}x"]
+        table.add_row(*cells)
+    return table
+
+
+PLOT_FORMATS = (".png", ".svg")
+
+
+def check_plot(path: str) -> None:
+    """Fail before any measuring when --plot cannot be written: wrong format, or no matplotlib."""
+    from pathlib import Path
+
+    from .errors import CcliError
+
+    suffix = Path(path).suffix.lower()
+    if suffix not in PLOT_FORMATS:
+        raise CcliError(f"--plot {path}: give a .png or .svg file name")
+    if not Path(path).expanduser().resolve().parent.is_dir():
+        raise CcliError(f"--plot {path}: its directory does not exist")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise CcliError("--plot needs matplotlib: pip install 'ccli[plot]' (or pip install matplotlib)") from None
+
+
+def plot_frontier(records: list[dict], path: str) -> str:
+    """Fidelity against latency, one panel per sequence length, one labelled point per row, the
+    Pareto frontier drawn as a line; written as PNG or SVG (by the file name). Returns the path."""
+    check_plot(path)
+    from matplotlib.figure import Figure
+
+    first = records[0]
+    lm = first["frontier_measure"] == "kl"
+    seqs = [entry["seq"] for entry in first["latency"]]
+    figure = Figure(figsize=(5.2 * len(seqs), 4.4), layout="constrained")
+    axes = figure.subplots(1, len(seqs), squeeze=False)[0]
+    for k, (ax, s) in enumerate(zip(axes, seqs)):
+        xs = [r["latency"][k]["median_ms"] for r in records]
+        ys = [r["fidelity"][first["frontier_measure"]] for r in records]
+        on = [r["latency"][k]["pareto"] for r in records]
+        ax.scatter([x for x, o in zip(xs, on) if not o], [y for y, o in zip(ys, on) if not o],
+                   color="0.55", zorder=2, label="dominated")
+        ax.scatter([x for x, o in zip(xs, on) if o], [y for y, o in zip(ys, on) if o],
+                   color="tab:red", zorder=3, label="Pareto frontier")
+        front = sorted((x, y) for x, y, o in zip(xs, ys, on) if o)
+        ax.plot([x for x, _ in front], [y for _, y in front], color="tab:red", linewidth=1.2, zorder=1, drawstyle="steps-post")
+        for x, y, r in zip(xs, ys, records):
+            ax.annotate(r["row"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        ax.set_xlabel(f"latency at batch 1, seq {s} (ms, median)")
+        ax.set_ylabel("next-token KL to the base model (lower is better)" if lm else "pooled-embedding cosine (mean)")
+        if lm:
+            ax.invert_yaxis()
+        ax.set_title(f"seq {s}", fontsize=10)
+        ax.grid(True, linewidth=0.3)
+        ax.legend(fontsize=7, loc="lower right" if not lm else "upper right")
+    figure.suptitle(f"ccli compare: {first['base_model']}, {first['device']}, {first['threads']} thread(s)", fontsize=10)
+    figure.savefig(path, metadata={"Software": None} if path.lower().endswith(".png") else {"Date": None})
+    return path

@@ -36,12 +36,33 @@ def parameters_by_component(arch: ArchView) -> dict[str, int]:
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of every parameter and buffer, each tensor counted once, and of the packed weights of
+    torch's dynamically quantized linears (kept outside parameters and buffers)."""
     seen: set[int] = set()
     total = 0
     for tensor in list(model.parameters()) + list(model.buffers()):
         if tensor.data_ptr() not in seen:
             seen.add(tensor.data_ptr())
             total += tensor.numel() * tensor.element_size()
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
+
+    for module in model.modules():
+        if isinstance(module, DynamicQuantizedLinear):
+            total += _quantized_linear_bytes(module)
+    return total
+
+
+def _quantized_linear_bytes(module) -> int:
+    """int8 weights, their scales and zero points, and the float bias of a dynamically quantized linear."""
+    weight, bias = module.weight(), module.bias()
+    total = weight.numel() * weight.element_size()
+    if weight.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric):
+        scales, zeros = weight.q_per_channel_scales(), weight.q_per_channel_zero_points()
+        total += scales.numel() * scales.element_size() + zeros.numel() * zeros.element_size()
+    else:
+        total += 8  # one float32 scale and one int32 zero point
+    if bias is not None:
+        total += bias.numel() * bias.element_size()
     return total
 
 
