@@ -42,8 +42,8 @@ def _padded_call(model, block: int, lengths=(9, 5, 1), seed=0):
     return call
 
 
-def _routed(block, capacity, seed=1) -> MoDBlock:
-    module = MoDVariant.wrap(copy.deepcopy(block), {"capacity": capacity})
+def _routed(block, capacity, attention="routed", seed=1) -> MoDBlock:
+    module = MoDVariant.wrap(copy.deepcopy(block), {"capacity": capacity, "attention": attention})
     torch.manual_seed(seed)
     with torch.no_grad():
         module.router.weight.normal_(0, 1.0)
@@ -51,12 +51,13 @@ def _routed(block, capacity, seed=1) -> MoDBlock:
     return module.eval()
 
 
-@pytest.mark.parametrize("family", ["bert", "distilbert"])
-def test_capacity_one_is_the_block_with_its_update_scaled_by_the_router(family):
+@pytest.mark.parametrize("family,attention", [("bert", "routed"), ("bert", "all"), ("roberta", "all"),
+                                              ("distilbert", "routed")])
+def test_capacity_one_is_the_block_with_its_update_scaled_by_the_router(family, attention):
     model = tiny(family)
     block = view(model).blocks[1].module
     call = _padded_call(model, 1)
-    module = _routed(block, 1.0)
+    module = _routed(block, 1.0, attention)
     with torch.no_grad():
         got = module(call.hidden, **call.kwargs)
         dense = block(call.hidden, **call.kwargs)
@@ -69,9 +70,10 @@ def test_capacity_one_is_the_block_with_its_update_scaled_by_the_router(family):
         torch.testing.assert_close(module(call.hidden, **call.kwargs)[call.real], dense[call.real], rtol=1e-5, atol=1e-6)
 
 
-def _masked_reference(block, module: MoDBlock, call, capacity: float) -> torch.Tensor:
-    """The routed block computed densely: every token through the block, attention restricted to the
-    routed keys by a mask, then skipped tokens reset to their input. Selection by a per-sequence loop."""
+def _masked_reference(block, module: MoDBlock, call, capacity: float, attention: str) -> torch.Tensor:
+    """The routed block computed densely: every token through the block (attention restricted to the
+    routed keys by a mask, or over every real key), then skipped tokens reset to their input.
+    Selection by a per-sequence loop."""
     hidden = call.hidden
     batch, seq, _ = hidden.shape
     scores = hidden @ module.router.weight[0] + module.router.bias
@@ -81,7 +83,7 @@ def _masked_reference(block, module: MoDBlock, call, capacity: float) -> torch.T
         k = min(len(real), max(1, math.ceil(capacity * len(real))))
         ranked = sorted(real, key=lambda i: -float(scores[b, i]))
         chosen[b, ranked[:k]] = True
-    mask = chosen[:, None, None, :].expand(batch, 1, seq, seq)
+    mask = (chosen if attention == "routed" else call.real)[:, None, None, :].expand(batch, 1, seq, seq)
     kwargs = dict(call.kwargs)
     old = kwargs.get("attention_mask")
     kwargs["attention_mask"] = mask if old is None or old.dtype == torch.bool else \
@@ -91,16 +93,17 @@ def _masked_reference(block, module: MoDBlock, call, capacity: float) -> torch.T
     return torch.where(chosen[..., None], hidden + g[..., None] * (out - hidden), hidden)
 
 
+@pytest.mark.parametrize("attention", ["routed", "all"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("capacity", [0.75, 0.5, 0.25, 0.125])
-def test_gather_scatter_equals_a_masked_reference_with_padding(attn, capacity):
+def test_gather_scatter_equals_a_masked_reference_with_padding(attn, capacity, attention):
     model = tiny("bert", attn=attn)
     block = view(model).blocks[1].module
     call = _padded_call(model, 1, lengths=(12, 7, 3, 1), seed=int(capacity * 8))
-    module = _routed(block, capacity)
+    module = _routed(block, capacity, attention)
     with torch.no_grad():
         got = module(call.hidden, **call.kwargs)
-        expected = _masked_reference(block, module, call, capacity)
+        expected = _masked_reference(block, module, call, capacity, attention)
     torch.testing.assert_close(got[call.real], expected[call.real], rtol=1e-5, atol=1e-5)
     assert module.routing() == {"capacity": capacity, "real_tokens": 23,
                                 "tokens": sum(max(1, math.ceil(capacity * n)) for n in (12, 7, 3, 1))}
@@ -118,21 +121,27 @@ def test_real_tokens_reads_bool_float_2d_and_missing_masks():
     assert real_tokens(None, 2, 4, None).all()
 
 
+@pytest.mark.parametrize("attention", ["routed", "all"])
 @pytest.mark.parametrize("capacity", [1.0, 0.5, 0.125])
-def test_the_flop_counter_sees_only_the_routed_tokens(capacity):
+def test_the_flop_counter_sees_only_the_routed_tokens(capacity, attention):
     model = BertModel(BertConfig(hidden_size=HIDDEN, intermediate_size=WIDTH, num_hidden_layers=2,
                                  num_attention_heads=HEADS, vocab_size=100)).eval()
     seq = 24
     inputs = {"input_ids": torch.randint(1, 100, (1, seq)), "attention_mask": torch.ones(1, seq, dtype=torch.long)}
     dense = count_flops(model, inputs).by_module
     arch = view(model)
-    arch.blocks[1].replace(MoDVariant.wrap(arch.blocks[1].module, {"capacity": capacity}))
+    arch.blocks[1].replace(MoDVariant.wrap(arch.blocks[1].module, {"capacity": capacity, "attention": attention}))
     counted = count_flops(model, inputs).by_module
     k = math.ceil(capacity * seq)
     h, i = HIDDEN, WIDTH
-    # router (H -> 1 on every token) + q, k, v, out and both FFN linears on the routed tokens +
-    # attention scores and context among the routed tokens (k x k per head)
-    assert counted["encoder.layer.1"] == 2 * seq * h + 2 * k * (4 * h * h + 2 * h * i) + 2 * 2 * k * k * h
+    if attention == "routed":
+        # router (H -> 1 on every token) + q, k, v, out and both FFN linears on the routed tokens +
+        # attention scores and context among the routed tokens (k x k per head)
+        expected = 2 * seq * h + 2 * k * (4 * h * h + 2 * h * i) + 2 * 2 * k * k * h
+    else:
+        # router + k, v on every token + q, out and the FFN on the routed tokens + k x seq scores and context
+        expected = 2 * seq * h + 2 * seq * 2 * h * h + 2 * k * (2 * h * h + 2 * h * i) + 2 * 2 * k * seq * h
+    assert counted["encoder.layer.1"] == expected
     assert counted["encoder.layer.0"] == dense["encoder.layer.0"]
     assert dense["encoder.layer.1"] == 2 * seq * (4 * h * h + 2 * h * i) + 2 * 2 * seq * seq * h
 
@@ -151,6 +160,13 @@ def test_config_errors_are_one_line():
     assert MoDVariant().layers(6) == [1, 3, 5]
     assert MoDVariant(blocks="all-but-first").layers(3) == [1, 2]
     assert MoDVariant(blocks="3, 1").layers(6) == [1, 3]
+
+
+def test_all_keys_attention_needs_a_bert_style_block():
+    with pytest.raises(CcliError, match="mod: --attention all needs a BERT or RoBERTa block"):
+        MoDVariant.wrap(view(tiny("distilbert")).blocks[1].module, {"capacity": 0.5, "attention": "all"})
+    with pytest.raises(CcliError, match="mod: --attention must be one of routed, all"):
+        MoDVariant(attention="keys")
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
@@ -176,7 +192,8 @@ def test_convert_saves_reloads_bit_identically_and_profile_shows_the_routing(tin
     assert [(r["layer"], r["target"]) for r in record["layers"]] == [(1, "block"), (3, "block")]  # alternate blocks
     manifest = json.loads((out / "ccli.json").read_text())
     assert [u["key"] for u in manifest["units"]] == ["1", "3"]
-    assert manifest["units"][0]["spec"] == {"variant": "mod", "capacity": 0.5, "blocks": "alternate", "train_block": False}
+    assert manifest["units"][0]["spec"] == {"variant": "mod", "capacity": 0.5, "blocks": "alternate", "attention": "routed",
+                                             "train": "block"}
 
     model, tokenizer = ccli.load(str(out))
     again, _ = ccli.load(str(out))

@@ -37,6 +37,8 @@ from .base import BlockVariant, ConvertedModule, VariantConfig, option, wrap_blo
 
 ENCODER_FAMILIES = ("bert", "roberta", "distilbert")
 BLOCK_CHOICES = ("alternate", "all-but-first", "all")
+ATTENTION_CHOICES = ("routed", "all")
+TRAIN_CHOICES = ("block", "router", "both")
 ROUTER_INIT_STD = 0.1  # std of the initial router scores: the update scale 2*sigmoid(s) starts within ~5% of 1
 
 
@@ -46,7 +48,11 @@ class MoDConfig(VariantConfig):
     capacity: float = option(0.5, "fraction of each sequence's real tokens a routed block processes", low=0.0, high=1.0)
     blocks: str = option("alternate", "which blocks are routed: alternate (1, 3, 5, ...: every other block, "
                                       "never the first), all-but-first, all, or block indices such as 1,3,5")
-    train_block: bool = option(False, "also train the block's own weights layer by layer (default: the router only)")
+    attention: str = option("routed", "what a routed token attends to: routed (the other routed tokens, as in the "
+                                      "paper; any encoder block) or all (every real token's keys and values; BERT and "
+                                      "RoBERTa blocks)", choices=ATTENTION_CHOICES)
+    train: str = option("block", "what layer-wise training fits after the router's initial fit: block (the "
+                                 "block's own weights; the router keeps its fit), router, or both", choices=TRAIN_CHOICES)
 
     def check(self) -> None:
         if self.capacity <= 0.0:
@@ -107,11 +113,16 @@ class MoDBlock(ConvertedModule):
     Build it with `MoDVariant.wrap` (it is the block itself, its parts at their paths)."""
 
     unit_kind = "block"
+    straight_through = True  # in training mode, skipped tokens' scores get the straight-through gradient
 
-    def setup(self, hidden_size: int, capacity: float) -> None:
+    def setup(self, hidden_size: int, capacity: float, attention: str = "routed") -> None:
         self.router = nn.Linear(hidden_size, 1)
         self.capacity = float(capacity)
+        self.attention_keys = attention
         self.last_routing: dict | None = None
+        if attention == "all" and not _bert_like(self):
+            raise CcliError(f"mod: --attention all needs a BERT or RoBERTa block ({type(self).__mro__[2].__name__} is "
+                            "not one); use --attention routed")
 
     def train(self, mode: bool = True):
         # the block's own parts stay in eval mode (no dropout): training only fits the router (and weights)
@@ -125,6 +136,30 @@ class MoDBlock(ConvertedModule):
         """The original block on every token."""
         out = super().forward(hidden_states, *args, **kwargs)
         return out[0] if isinstance(out, tuple) else out
+
+    def routed_over_all_keys(self, routed: torch.Tensor, hidden_states: torch.Tensor, index: torch.Tensor,
+                             attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """A BERT-style block on the routed tokens, their queries attending over every token's keys and
+        values (K/V projections on all tokens, Q, output projection and FFN on the routed ones only)."""
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        from transformers.models.bert.modeling_bert import eager_attention_forward
+
+        sa = self.attention.self
+        batch, k, _ = routed.shape
+        seq = hidden_states.shape[1]
+        q = sa.query(routed).view(batch, k, -1, sa.attention_head_size).transpose(1, 2)
+        keys = sa.key(hidden_states).view(batch, seq, -1, sa.attention_head_size).transpose(1, 2)
+        values = sa.value(hidden_states).view(batch, seq, -1, sa.attention_head_size).transpose(1, 2)
+        mask = attention_mask
+        if mask is not None and mask.dim() == 4:  # the routed queries' rows of the block's mask
+            mask = mask.expand(batch, mask.shape[1], seq, seq).gather(
+                2, index[:, None, :, None].expand(batch, mask.shape[1], k, seq))
+        elif mask is not None:  # a 2-D padding mask
+            mask = mask.bool()[:, None, None, :].expand(batch, 1, k, seq)
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(sa.config._attn_implementation, eager_attention_forward)
+        context, _ = interface(sa, q, keys, values, mask, dropout=0.0, scaling=sa.scaling)
+        attended = self.attention.output(context.reshape(batch, k, -1).contiguous(), routed)
+        return self.feed_forward_chunk(attended)
 
     def scores(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.router(hidden_states).squeeze(-1)
@@ -153,10 +188,13 @@ class MoDBlock(ConvertedModule):
         index, valid, k = self.route(scores, real)
         rows = index[..., None].expand(-1, -1, hidden)
         routed = hidden_states.gather(1, rows)
-        out = self.block_forward(routed, _sub_mask(attention_mask, valid), *args, **kwargs)
+        if self.attention_keys == "all":
+            out = self.routed_over_all_keys(routed, hidden_states, index, attention_mask)
+        else:
+            out = self.block_forward(routed, _sub_mask(attention_mask, valid), *args, **kwargs)
         scale = self.update_scale(scores.gather(1, index)) * valid
         result = hidden_states.scatter_add(1, rows, (out - routed) * scale[..., None].to(out.dtype))
-        if self.training:  # straight-through: a skipped token's score learns what its update would do
+        if self.training and self.straight_through:  # straight-through: a skipped token's score learns what its update would do
             full = self.block_forward(hidden_states, attention_mask, *args, **kwargs).detach() - hidden_states
             skipped = real.clone()
             skipped.scatter_(1, index, ~valid & skipped.gather(1, index))
@@ -167,6 +205,12 @@ class MoDBlock(ConvertedModule):
 
     def routing(self) -> dict | None:
         return self.last_routing
+
+
+def _bert_like(block: nn.Module) -> bool:
+    attention = getattr(block, "attention", None)
+    return (hasattr(block, "feed_forward_chunk") and hasattr(attention, "self") and hasattr(attention, "output")
+            and all(hasattr(attention.self, n) for n in ("query", "key", "value", "scaling")))
 
 
 def _router_targets(module: MoDBlock, calls) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,13 +266,12 @@ class MoDVariant(BlockVariant):
         from ..arch import _hidden_of
 
         block = wrap_block(MoDBlock, block)
-        block.setup(_hidden_of(block), spec["capacity"])
+        block.setup(_hidden_of(block), spec["capacity"], spec.get("attention", "routed"))
         return block
 
     def init_from_block(self, module: MoDBlock, calls, seed: int) -> None:
-        if not self.cfg.train_block:
-            for name, p in module.named_parameters():
-                if not name.startswith("router."):
-                    p.requires_grad_(False)
+        for name, p in module.named_parameters():
+            is_router = name.startswith("router.")
+            p.requires_grad_(self.cfg.train == "both" or (self.cfg.train == "router") == is_router)
         init_router(module, calls)
 
