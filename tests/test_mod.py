@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer, BertConfig, BertModel
 
 import ccli
+from ccli import report
 from ccli.api import profile
 from ccli.arch import view
 from ccli.capture import collect_block_calls
@@ -219,6 +220,10 @@ def test_convert_saves_reloads_bit_identically_and_profile_shows_the_routing(tin
     (row,) = profile(str(out), seq=16, cross_check=False)
     assert row["routed_blocks"] == [{"block": 1, "capacity": 0.5, "tokens": 8, "real_tokens": 16},
                                     {"block": 3, "capacity": 0.5, "tokens": 8, "real_tokens": 16}]
+    routed_table = report.profile_tables([row])[-1]
+    assert routed_table.title.startswith("routed blocks (mod)")
+    assert list(routed_table.columns[3].cells) == ["8 / 16 (50.0%)", "8 / 16 (50.0%)"]
     (dense_row,) = profile(tiny_bert, seq=16, cross_check=False)
+    assert len(report.profile_tables([dense_row])) == 2  # no routing table without routed blocks
     assert dense_row["routed_blocks"] == []
     assert row["flops_per_token"] < dense_row["flops_per_token"]
