@@ -227,3 +227,20 @@ def test_convert_saves_reloads_bit_identically_and_profile_shows_the_routing(tin
     assert len(report.profile_tables([dense_row])) == 2  # no routing table without routed blocks
     assert dense_row["routed_blocks"] == []
     assert row["flops_per_token"] < dense_row["flops_per_token"]
+
+
+def test_a_ci_sized_conversion_of_the_default_model_beats_its_own_undistilled_routers():
+    """Routers as initialised from the blocks' update norms (no training) against the same conversion
+    trained end to end: the trained one is closer to the original on held-out text."""
+    settings = dict(to="mod", params={"capacity": 0.5, "blocks": "1,2", "attention": "all"}, tokens=1024,
+                    max_length=64, e2e_batch=8, e2e_target="all", e2e_lr=1e-4, heldout_paragraphs=48,
+                    show_progress=False)
+    untrained = convert("minilm", steps=0, e2e_steps=0, **settings)
+    trained = convert("minilm", steps=0, e2e_steps=E2E_STEPS, **settings)
+    assert trained["e2e_kept"] is True
+    assert trained["e2e_loss_last"] < trained["e2e_loss_first"]
+    assert trained["fidelity"]["embedding_cosine"] > untrained["fidelity"]["embedding_cosine"]
+    assert trained["fidelity"]["hidden_cosine"] > untrained["fidelity"]["hidden_cosine"]
+
+
+E2E_STEPS = 40

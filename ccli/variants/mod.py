@@ -3,10 +3,13 @@
 Mixture-of-Depths (Raposo et al. 2024) puts a router (a linear map H -> 1: one score per token) in
 front of a block; only the top `capacity` fraction of each sequence's real tokens (expert choice per
 sequence; padding never counts) goes through the block, the others ride the residual stream
-unchanged. The routed tokens are gathered into a shorter sequence, the original block runs on that
-sequence alone (so its attention is among the routed tokens only, as in the paper), and the result is
-scattered back: the executed graph, and so the FLOP count and the latency, see only the routed
-tokens. The block's update of a routed token is scaled by g = 2 * sigmoid(score): 1 at score 0,
+unchanged. The routed tokens are gathered into a shorter sequence, the block runs on that sequence
+alone and the result is scattered back: the executed graph, and so the FLOP count and the latency,
+see only the routed tokens. `--attention routed` (the paper's choice, any encoder block: the original
+block's forward on the gathered sequence) lets a routed token attend to the other routed tokens only;
+`--attention all` (BERT and RoBERTa blocks) lets it attend over every real token's keys and values
+(the key and value projections run on every token, the rest on the routed ones), which halves the
+block's error at capacity 0.5 for a little more work (docs/mod.md). The block's update of a routed token is scaled by g = 2 * sigmoid(score): 1 at score 0,
 so a router that scores near 0 leaves the block as it was, and the router gets a gradient from what
 the update does (as in the paper, where the router weight multiplies the block's output).
 
@@ -14,12 +17,10 @@ Conversion, on block units captured as whole calls (ccli.capture.BlockCalls):
 1. the router is initialised from a cheap signal, how much the original block changes each token
    (the log of the update's norm, centred per sequence), by ridge regression from the block's input,
    then scaled so that its scores start near 0 (g near 1);
-2. layer by layer the router (and, with `--train-block`, the block's own weights) is trained so that
-   the routed block's outputs match the original block's. A token that is skipped has no output that
-   depends on its score; in training mode the block also runs on the whole sequence and a skipped
-   token's output gets the straight-through term (g - g.detach()) * update, which is zero in value
-   but tells the router whether letting that token through would have helped;
-3. optionally end to end (the shared engine), everything routed trained together.
+2. layer by layer (`--train`) the block's own weights (by default; the router keeps its fit), the
+   router, or both are trained so that the routed block's outputs match the original block's;
+3. optionally end to end (the shared engine), the routed blocks trained together (their routers too
+   unless `--train block`, which keeps each router's fit throughout).
 
 Encoders only for now (BERT, RoBERTa, DistilBERT): top-k over a sequence is not causal, so a decoder
 needs a per-token predictor at generation time, which is not built yet.
@@ -113,10 +114,10 @@ class MoDBlock(ConvertedModule):
     Build it with `MoDVariant.wrap` (it is the block itself, its parts at their paths)."""
 
     unit_kind = "block"
-    straight_through = True  # in training mode, skipped tokens' scores get the straight-through gradient
 
-    def setup(self, hidden_size: int, capacity: float, attention: str = "routed") -> None:
+    def setup(self, hidden_size: int, capacity: float, attention: str = "routed", router_frozen: bool = False) -> None:
         self.router = nn.Linear(hidden_size, 1)
+        self.router_frozen = router_frozen
         self.capacity = float(capacity)
         self.attention_keys = attention
         self.last_routing: dict | None = None
@@ -125,7 +126,7 @@ class MoDBlock(ConvertedModule):
                             "not one); use --attention routed")
 
     def train(self, mode: bool = True):
-        # the block's own parts stay in eval mode (no dropout): training only fits the router (and weights)
+        # the block's own parts stay in eval mode (no dropout) while its weights or router are trained
         nn.Module.train(self, mode)
         for child in self.children():
             if child is not self.router:
@@ -162,6 +163,9 @@ class MoDBlock(ConvertedModule):
         return self.feed_forward_chunk(attended)
 
     def scores(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.router_frozen:  # `--train block`: the router keeps its fit, end to end too
+            with torch.no_grad():
+                return self.router(hidden_states).squeeze(-1)
         return self.router(hidden_states).squeeze(-1)
 
     @staticmethod
@@ -194,12 +198,6 @@ class MoDBlock(ConvertedModule):
             out = self.block_forward(routed, _sub_mask(attention_mask, valid), *args, **kwargs)
         scale = self.update_scale(scores.gather(1, index)) * valid
         result = hidden_states.scatter_add(1, rows, (out - routed) * scale[..., None].to(out.dtype))
-        if self.training and self.straight_through:  # straight-through: a skipped token's score learns what its update would do
-            full = self.block_forward(hidden_states, attention_mask, *args, **kwargs).detach() - hidden_states
-            skipped = real.clone()
-            skipped.scatter_(1, index, ~valid & skipped.gather(1, index))
-            g = self.update_scale(scores)
-            result = result + ((g - g.detach()) * skipped)[..., None] * full
         self.last_routing = {"capacity": self.capacity, "tokens": int(k.sum()), "real_tokens": int(real.sum())}
         return result
 
@@ -266,7 +264,8 @@ class MoDVariant(BlockVariant):
         from ..arch import _hidden_of
 
         block = wrap_block(MoDBlock, block)
-        block.setup(_hidden_of(block), spec["capacity"], spec.get("attention", "routed"))
+        block.setup(_hidden_of(block), spec["capacity"], spec.get("attention", "routed"),
+                    router_frozen=spec.get("train", "block") == "block")
         return block
 
     def init_from_block(self, module: MoDBlock, calls, seed: int) -> None:
