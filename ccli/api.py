@@ -16,6 +16,7 @@ from .inputs import build_inputs
 from .measure.components import additions_by_component, flops_by_component, parameters_by_component, weight_bytes
 from .measure.flops import count_flops, torch_flop_count
 from .measure.neurons import active_neurons
+from .measure.routing import routed_blocks
 from .measure.timing import time_call
 from .safety import check_min_time
 
@@ -74,6 +75,7 @@ def profile(
             "uncounted_ops": flops.uncounted_ops,
             "unknown_ops": flops.unknown_ops,
             "active_neurons": active_neurons(arch, inputs),
+            "routed_blocks": routed_blocks(arch, inputs),
         }
         if cross_check:
             record["flops_per_token_torch"] = round(torch_flop_count(loaded.model, inputs) / positions)

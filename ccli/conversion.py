@@ -113,7 +113,10 @@ def _run_steps(teacher: Loaded, plan: dict, batches: list[dict], out_path: Path 
         # A step may convert only some blocks. End-to-end training runs once, after the last step, and
         # trains every step's modules, so only the last step finalizes them.
         last = n == len(plan["convert"]) - 1
-        step_cfg = replace(cfg, layers=step.get("layers", cfg.layers), e2e_steps=cfg.e2e_steps if last else 0)
+        layers = step.get("layers", cfg.layers)
+        if layers is None:  # the family's own default (mod: every other block)
+            layers = variant.layers(len(view(student).blocks))
+        step_cfg = replace(cfg, layers=layers, e2e_steps=cfg.e2e_steps if last else 0)
         run_key = {"model": teacher.source, "variant": variant.spec(), "distill": asdict(step_cfg), "data": plan["data"], "step": n}
         checkpoint = _progress_path(out_path, n) if out_path else None
         specs, report = distill(student, teacher.model, variant, batches, step_cfg, checkpoint=checkpoint,

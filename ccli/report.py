@@ -74,7 +74,19 @@ def profile_tables(records: list[dict]) -> list[Table]:
             layer = rec["active_neurons"][i] if i < len(rec["active_neurons"]) else None
             cells += [_span(layer, "computed"), _span(layer, "positive")] if layer else ["", ""]
         layers.add_row(*cells)
-    return [summary, layers]
+    tables = [summary, layers]
+    if any(r.get("routed_blocks") for r in records):
+        routed = Table(title="routed blocks (mod): tokens processed of the real tokens given")
+        routed.add_column("model")
+        routed.add_column("block", justify="right")
+        routed.add_column("capacity", justify="right")
+        routed.add_column("tokens processed", justify="right")
+        for rec in records:
+            for b in rec.get("routed_blocks", []):
+                routed.add_row(rec["model"], str(b["block"]), f"{b['capacity']:g}",
+                               f"{b['tokens']} / {b['real_tokens']} ({b['tokens'] / max(b['real_tokens'], 1):.1%})")
+        tables.append(routed)
+    return tables
 
 
 def _mean(record: dict, key: str) -> float:

@@ -133,6 +133,10 @@ class Variant(ABC):
         """What the manifest records to rebuild a module: {'variant': name, **params}."""
         return {"variant": self.name, **self.params}
 
+    def layers(self, n_blocks: int) -> list[int] | None:
+        """The blocks this variant converts when neither the recipe step nor --layers says (None: all)."""
+        return None
+
     @abstractmethod
     def units(self, arch: "ArchView", block: int) -> list[Unit]:
         """The parts of block `block` this variant replaces, in forward order (not yet replaced ones)."""

@@ -1,0 +1,276 @@
+"""Mixture-of-Depths after training (`--to mod`): a router in front of whole blocks, real skipping.
+
+Mixture-of-Depths (Raposo et al. 2024) puts a router (a linear map H -> 1: one score per token) in
+front of a block; only the top `capacity` fraction of each sequence's real tokens (expert choice per
+sequence; padding never counts) goes through the block, the others ride the residual stream
+unchanged. The routed tokens are gathered into a shorter sequence, the block runs on that sequence
+alone and the result is scattered back: the executed graph, and so the FLOP count and the latency,
+see only the routed tokens. `--attention routed` (the paper's choice, any encoder block: the original
+block's forward on the gathered sequence) lets a routed token attend to the other routed tokens only;
+`--attention all` (BERT and RoBERTa blocks) lets it attend over every real token's keys and values
+(the key and value projections run on every token, the rest on the routed ones), which halves the
+block's error at capacity 0.5 for a little more work (docs/mod.md). The block's update of a routed token is scaled by g = 2 * sigmoid(score): 1 at score 0,
+so a router that scores near 0 leaves the block as it was, and the router gets a gradient from what
+the update does (as in the paper, where the router weight multiplies the block's output).
+
+Conversion, on block units captured as whole calls (ccli.capture.BlockCalls):
+1. the router is initialised from a cheap signal, how much the original block changes each token
+   (the log of the update's norm, centred per sequence), by ridge regression from the block's input,
+   then scaled so that its scores start near 0 (g near 1);
+2. layer by layer (`--train`) the block's own weights (by default; the router keeps its fit), the
+   router, or both are trained so that the routed block's outputs match the original block's;
+3. optionally end to end (the shared engine), the routed blocks trained together (their routers too
+   unless `--train block`, which keeps each router's fit throughout).
+
+Encoders only for now (BERT, RoBERTa, DistilBERT): top-k over a sequence is not causal, so a decoder
+needs a per-token predictor at generation time, which is not built yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..errors import CcliError
+from .base import BlockVariant, ConvertedModule, VariantConfig, option, wrap_block
+
+ENCODER_FAMILIES = ("bert", "roberta", "distilbert")
+BLOCK_CHOICES = ("alternate", "all-but-first", "all")
+ATTENTION_CHOICES = ("routed", "all")
+TRAIN_CHOICES = ("block", "router", "both")
+ROUTER_INIT_STD = 0.1  # std of the initial router scores: the update scale 2*sigmoid(s) starts within ~5% of 1
+
+
+@dataclass
+class MoDConfig(VariantConfig):
+    family = "mod"
+    capacity: float = option(0.5, "fraction of each sequence's real tokens a routed block processes", low=0.0, high=1.0)
+    blocks: str = option("alternate", "which blocks are routed: alternate (1, 3, 5, ...: every other block, "
+                                      "never the first), all-but-first, all, or block indices such as 1,3,5")
+    attention: str = option("routed", "what a routed token attends to: routed (the other routed tokens, as in the "
+                                      "paper; any encoder block) or all (every real token's keys and values; BERT and "
+                                      "RoBERTa blocks)", choices=ATTENTION_CHOICES)
+    train: str = option("block", "what layer-wise training fits after the router's initial fit: block (the "
+                                 "block's own weights; the router keeps its fit), router, or both", choices=TRAIN_CHOICES)
+
+    def check(self) -> None:
+        if self.capacity <= 0.0:
+            raise CcliError(f"mod: --capacity must be above 0 (got {self.capacity!r})")
+        if self.blocks not in BLOCK_CHOICES:
+            parts = [p.strip() for p in self.blocks.split(",")]
+            if not parts or not all(p.isdigit() for p in parts):
+                raise CcliError(f"mod: --blocks must be one of {', '.join(BLOCK_CHOICES)} or block indices such as "
+                                f"1,3,5 (got {self.blocks!r})")
+            if len(set(parts)) != len(parts):
+                raise CcliError(f"mod: --blocks names a block twice (got {self.blocks!r})")
+
+    def block_indices(self, n_blocks: int) -> list[int]:
+        if self.blocks == "alternate":
+            return list(range(1, n_blocks, 2))
+        if self.blocks == "all-but-first":
+            return list(range(1, n_blocks))
+        if self.blocks == "all":
+            return list(range(n_blocks))
+        picked = sorted(int(p) for p in self.blocks.split(","))
+        if picked[-1] >= n_blocks:
+            raise CcliError(f"mod: --blocks {picked[-1]} is out of range: the model has blocks 0-{n_blocks - 1}")
+        return picked
+
+
+def real_tokens(attention_mask: torch.Tensor | None, batch: int, seq: int, device) -> torch.Tensor:
+    """(batch, seq) bool: the real (non-padding) tokens, read off the block's attention mask (a key
+    is real when some query may attend to it). Accepts the 4-D bool (True = attend) or additive float
+    masks transformers passes to encoder blocks, a 2-D padding mask, or None (no padding)."""
+    if attention_mask is None:
+        return torch.ones(batch, seq, dtype=torch.bool, device=device)
+    mask = attention_mask
+    if mask.dtype != torch.bool:
+        if mask.dim() == 2:  # a plain padding mask: 1 = real
+            return mask > 0
+        mask = mask > torch.finfo(mask.dtype).min / 2
+    if mask.dim() == 2:
+        return mask
+    return mask.reshape(batch, -1, mask.shape[-2], seq).any(dim=(1, 2))
+
+
+def _sub_mask(like: torch.Tensor | None, valid: torch.Tensor) -> torch.Tensor | None:
+    """The attention mask of the gathered sequences (keys: the valid slots), in the form `like` has."""
+    if like is None and bool(valid.all()):
+        return None
+    b, k = valid.shape
+    if like is not None and like.dim() == 2:
+        return valid.to(like.dtype)
+    allowed = valid[:, None, None, :].expand(b, 1, k, k)
+    if like is None or like.dtype == torch.bool:
+        return allowed
+    return torch.zeros((), dtype=like.dtype, device=like.device).masked_fill(~allowed, torch.finfo(like.dtype).min)
+
+
+class MoDBlock(ConvertedModule):
+    """A block with a router in front: only the top-`capacity` real tokens of each sequence run
+    through it (gathered, the original block on them alone, scattered back); see the module doc.
+    Build it with `MoDVariant.wrap` (it is the block itself, its parts at their paths)."""
+
+    unit_kind = "block"
+
+    def setup(self, hidden_size: int, capacity: float, attention: str = "routed", router_frozen: bool = False) -> None:
+        self.router = nn.Linear(hidden_size, 1)
+        self.router_frozen = router_frozen
+        self.capacity = float(capacity)
+        self.attention_keys = attention
+        self.last_routing: dict | None = None
+        if attention == "all" and not _bert_like(self):
+            raise CcliError(f"mod: --attention all needs a BERT or RoBERTa block ({type(self).__mro__[2].__name__} is "
+                            "not one); use --attention routed")
+
+    def train(self, mode: bool = True):
+        # the block's own parts stay in eval mode (no dropout) while its weights or router are trained
+        nn.Module.train(self, mode)
+        for child in self.children():
+            if child is not self.router:
+                child.eval()
+        return self
+
+    def block_forward(self, hidden_states, *args, **kwargs) -> torch.Tensor:
+        """The original block on every token."""
+        out = super().forward(hidden_states, *args, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
+
+    def routed_over_all_keys(self, routed: torch.Tensor, hidden_states: torch.Tensor, index: torch.Tensor,
+                             attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """A BERT-style block on the routed tokens, their queries attending over every token's keys and
+        values (K/V projections on all tokens, Q, output projection and FFN on the routed ones only)."""
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        from transformers.models.bert.modeling_bert import eager_attention_forward
+
+        sa = self.attention.self
+        batch, k, _ = routed.shape
+        seq = hidden_states.shape[1]
+        q = sa.query(routed).view(batch, k, -1, sa.attention_head_size).transpose(1, 2)
+        keys = sa.key(hidden_states).view(batch, seq, -1, sa.attention_head_size).transpose(1, 2)
+        values = sa.value(hidden_states).view(batch, seq, -1, sa.attention_head_size).transpose(1, 2)
+        mask = attention_mask
+        if mask is not None and mask.dim() == 4:  # the routed queries' rows of the block's mask
+            mask = mask.expand(batch, mask.shape[1], seq, seq).gather(
+                2, index[:, None, :, None].expand(batch, mask.shape[1], k, seq))
+        elif mask is not None:  # a 2-D padding mask
+            mask = mask.bool()[:, None, None, :].expand(batch, 1, k, seq)
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(sa.config._attn_implementation, eager_attention_forward)
+        context, _ = interface(sa, q, keys, values, mask, dropout=0.0, scaling=sa.scaling)
+        attended = self.attention.output(context.reshape(batch, k, -1).contiguous(), routed)
+        return self.feed_forward_chunk(attended)
+
+    def scores(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.router_frozen:  # `--train block`: the router keeps its fit, end to end too
+            with torch.no_grad():
+                return self.router(hidden_states).squeeze(-1)
+        return self.router(hidden_states).squeeze(-1)
+
+    @staticmethod
+    def update_scale(scores: torch.Tensor) -> torch.Tensor:
+        return 2 * torch.sigmoid(scores)
+
+    def route(self, scores: torch.Tensor, real: torch.Tensor):
+        """(index, valid, k): for each sequence the positions of its routed tokens in increasing order
+        (batch, k_max), which of those slots are used (k_b of k_max) and k_b = ceil(capacity * real)."""
+        n_real = real.sum(dim=1)
+        k = torch.clamp(torch.ceil(n_real.to(torch.float64) * self.capacity).to(torch.long), min=1)
+        k = torch.minimum(k, n_real.clamp(min=1))
+        k_max = int(k.max())
+        seq = scores.shape[1]
+        top = scores.masked_fill(~real, float("-inf")).topk(k_max, dim=1).indices
+        valid = torch.arange(k_max, device=scores.device)[None, :] < k[:, None]
+        index = torch.where(valid, top, torch.full_like(top, seq)).sort(dim=1).values
+        return index.clamp(max=seq - 1), valid, k
+
+    def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
+        batch, seq, hidden = hidden_states.shape
+        real = real_tokens(attention_mask, batch, seq, hidden_states.device)
+        scores = self.scores(hidden_states)
+        index, valid, k = self.route(scores, real)
+        rows = index[..., None].expand(-1, -1, hidden)
+        routed = hidden_states.gather(1, rows)
+        if self.attention_keys == "all":
+            out = self.routed_over_all_keys(routed, hidden_states, index, attention_mask)
+        else:
+            out = self.block_forward(routed, _sub_mask(attention_mask, valid), *args, **kwargs)
+        scale = self.update_scale(scores.gather(1, index)) * valid
+        result = hidden_states.scatter_add(1, rows, (out - routed) * scale[..., None].to(out.dtype))
+        self.last_routing = {"capacity": self.capacity, "tokens": int(k.sum()), "real_tokens": int(real.sum())}
+        return result
+
+    def routing(self) -> dict | None:
+        return self.last_routing
+
+
+def _bert_like(block: nn.Module) -> bool:
+    attention = getattr(block, "attention", None)
+    return (hasattr(block, "feed_forward_chunk") and hasattr(attention, "self") and hasattr(attention, "output")
+            and all(hasattr(attention.self, n) for n in ("query", "key", "value", "scaling")))
+
+
+def _router_targets(module: MoDBlock, calls) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block inputs and the cheap ranking signal: log of how much the block changes each real token,
+    centred per sequence (ranking is per sequence)."""
+    xs, ts = [], []
+    with torch.no_grad():
+        for call in getattr(calls, "data", calls):
+            update = module.block_forward(call.hidden, **call.kwargs) - call.hidden
+            signal = torch.log(update.norm(dim=-1) + 1e-6)
+            for b in range(call.hidden.shape[0]):
+                real = call.real[b]
+                t = signal[b][real]
+                xs.append(call.hidden[b][real])
+                ts.append(t - t.mean())
+    return torch.cat(xs), torch.cat(ts)
+
+
+def init_router(module: MoDBlock, calls, ridge: float = 1e-2) -> float:
+    """Fit the router to rank tokens by how much the block changes them (ridge regression), scaled so
+    its scores start with std ROUTER_INIT_STD. Returns the correlation of the fitted scores with the
+    signal on the captured tokens."""
+    x, t = _router_targets(module, calls)
+    x = x.double()
+    mean = x.mean(0)
+    xc = x - mean
+    gram = xc.T @ xc / len(x)
+    w = torch.linalg.solve(gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype), xc.T @ t.double() / len(x))
+    fitted = xc @ w
+    std = float(fitted.std()) or 1.0
+    w = w * (ROUTER_INIT_STD / std)
+    with torch.no_grad():
+        module.router.weight.copy_(w[None, :].to(module.router.weight.dtype))
+        module.router.bias.copy_((-(mean @ w))[None].to(module.router.bias.dtype))
+    return float(torch.corrcoef(torch.stack([fitted, t.double()]))[0, 1])
+
+
+class MoDVariant(BlockVariant):
+    name = "mod"
+    config = MoDConfig
+
+    def layers(self, n_blocks: int) -> list[int]:
+        return self.cfg.block_indices(n_blocks)
+
+    def units(self, arch, block: int):
+        if arch.family not in ENCODER_FAMILIES:
+            raise CcliError(f"mod: {arch.family} is a decoder and mod routes encoders only for now "
+                            f"({', '.join(ENCODER_FAMILIES)}): generation needs a causal per-token router, not built yet")
+        return super().units(arch, block)
+
+    @classmethod
+    def wrap(cls, block: nn.Module, spec: dict) -> MoDBlock:
+        from ..arch import _hidden_of
+
+        block = wrap_block(MoDBlock, block)
+        block.setup(_hidden_of(block), spec["capacity"], spec.get("attention", "routed"),
+                    router_frozen=spec.get("train", "block") == "block")
+        return block
+
+    def init_from_block(self, module: MoDBlock, calls, seed: int) -> None:
+        for name, p in module.named_parameters():
+            is_router = name.startswith("router.")
+            p.requires_grad_(self.cfg.train == "both" or (self.cfg.train == "router") == is_router)
+        init_router(module, calls)
+
