@@ -10,8 +10,9 @@
   model's own top-1 accuracy (the matching paragraph) is reported too;
 - pooled-embedding cosine on short inputs (the first SHORT_WORDS words of each query): converted
   models are weakest there, and short queries are what sentence embedders mostly see;
-- for models with an LM head: KL(teacher || student) of next-token distributions and both
-  perplexities.
+- for models with an LM head: KL(teacher || student) of next-token distributions, both
+  perplexities, and next-token top-1 agreement (how often the student's most likely next token is
+  the teacher's), over every real position of the queries.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def compare(student: nn.Module, teacher: nn.Module, tokenizer, paragraphs: list[
     short_cos = nn.functional.cosine_similarity(_encode(teacher, tokenizer, short, max_length)[0],
                                                 _encode(student, tokenizer, short, max_length)[0], dim=-1)
 
-    cos_tokens, kl_sum, nll_t, nll_s, lm_tokens = [], 0.0, 0.0, 0.0, 0
+    cos_tokens, kl_sum, nll_t, nll_s, lm_tokens, top1_same = [], 0.0, 0.0, 0.0, 0, 0
     for (enc, t_hidden, t_logits), (_, s_hidden, s_logits) in zip(t_out, s_out):
         real = enc["attention_mask"].bool()
         cos_tokens.append(nn.functional.cosine_similarity(t_hidden[real], s_hidden[real], dim=-1))
@@ -109,6 +110,7 @@ def compare(student: nn.Module, teacher: nn.Module, tokenizer, paragraphs: list[
             kl_sum += (t_logp.exp() * (t_logp - s_logp)).sum().item()
             nll_t -= t_logp.gather(1, target[:, None]).sum().item()
             nll_s -= s_logp.gather(1, target[:, None]).sum().item()
+            top1_same += (t_logp.argmax(-1) == s_logp.argmax(-1)).sum().item()
             lm_tokens += target.numel()
 
     t_top = (t_query @ t_docs.T).argmax(1)
@@ -128,4 +130,6 @@ def compare(student: nn.Module, teacher: nn.Module, tokenizer, paragraphs: list[
         result["kl"] = round(kl_sum / lm_tokens, 6)
         result["perplexity_teacher"] = round(float(torch.tensor(nll_t / lm_tokens).exp()), 4)
         result["perplexity_student"] = round(float(torch.tensor(nll_s / lm_tokens).exp()), 4)
+        result["top1_agreement"] = round(top1_same / lm_tokens, 5)
+        result["lm_tokens"] = lm_tokens
     return result
