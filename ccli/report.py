@@ -118,6 +118,27 @@ def bench_table(rows: list[dict]) -> Table:
     return table
 
 
+def generation_table(rows: list[dict]) -> Table:
+    first = rows[0]
+    table = Table(
+        title=f"ccli bench --generate {first['new_tokens']} - {first['device']}, batch 1, prompt {first['prompt_tokens']} tokens, "
+              f"{first['threads']} thread(s)",
+        caption="greedy generation with the KV cache; medians over runs (IQR); speedups against the model's dense row",
+    )
+    for name in ("model", "variant", "prefill ms", "IQR", "decode ms/token", "IQR ", "decode tokens/s", "runs",
+                 "peak MB", "prefill speedup", "decode speedup"):
+        table.add_column(name, justify="left" if name in ("model", "variant") else "right")
+    for r in rows:
+        table.add_row(
+            r["model"], r["variant"], f"{r['prefill_ms']:.1f}", f"{r['prefill_iqr_ms']:.1f}",
+            f"{r['decode_ms_per_token']:.2f}", f"{r['decode_iqr_ms_per_token']:.2f}", f"{r['decode_tokens_per_s']:.1f}",
+            str(r["runs"]), f"{r['peak_mem_mb']:.0f}",
+            "-" if r.get("prefill_speedup") is None else f"{r['prefill_speedup']:.2f}x",
+            "-" if r["speedup"] is None else f"{r['speedup']:.2f}x",
+        )
+    return table
+
+
 def fidelity_tables(record: dict) -> list[Table]:
     """Fidelity to the teacher on held-out text, and each converted layer's FFN error."""
     fid = record["fidelity"]
@@ -137,6 +158,8 @@ def fidelity_tables(record: dict) -> list[Table]:
     if "kl" in fid:
         rows += [("next-token KL(original || converted)", f"{fid['kl']:.4f}"),
                  ("perplexity: original / converted", f"{fid['perplexity_teacher']:.2f} / {fid['perplexity_student']:.2f}")]
+        if "top1_agreement" in fid:
+            rows.append((f"next-token top-1 agreement ({fid.get('lm_tokens', '?')} tokens)", f"{fid['top1_agreement']:.1%}"))
     for name, value in rows:
         table.add_row(name, value)
     layers = Table(title="per-layer FFN fidelity on held-out text",

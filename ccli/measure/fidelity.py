@@ -11,8 +11,8 @@
 - pooled-embedding cosine on short inputs (the first SHORT_WORDS words of each query): converted
   models are weakest there, and short queries are what sentence embedders mostly see;
 - for models with an LM head: KL(teacher || student) of next-token distributions, both
-  perplexities, and next-token top-1 agreement (how often the two models' most likely next token is
-  the same).
+  perplexities, and next-token top-1 agreement (how often the student's most likely next token is
+  the teacher's), over every real position of the queries.
 """
 
 from __future__ import annotations
@@ -110,8 +110,8 @@ def compare(student: nn.Module, teacher: nn.Module, tokenizer, paragraphs: list[
             kl_sum += (t_logp.exp() * (t_logp - s_logp)).sum().item()
             nll_t -= t_logp.gather(1, target[:, None]).sum().item()
             nll_s -= s_logp.gather(1, target[:, None]).sum().item()
-            lm_tokens += target.numel()
             top1_same += (t_logp.argmax(-1) == s_logp.argmax(-1)).sum().item()
+            lm_tokens += target.numel()
 
     t_top = (t_query @ t_docs.T).argmax(1)
     s_top = (s_query @ s_docs.T).argmax(1)
@@ -131,4 +131,5 @@ def compare(student: nn.Module, teacher: nn.Module, tokenizer, paragraphs: list[
         result["perplexity_teacher"] = round(float(torch.tensor(nll_t / lm_tokens).exp()), 4)
         result["perplexity_student"] = round(float(torch.tensor(nll_s / lm_tokens).exp()), 4)
         result["top1_agreement"] = round(top1_same / lm_tokens, 5)
+        result["lm_tokens"] = lm_tokens
     return result

@@ -1,0 +1,128 @@
+"""Greedy generation with the KV cache, and its timing: prefill (the prompt in one forward pass) and
+decode (one token per forward pass, reusing the cache), each with its own median and spread.
+
+Every timed run starts from an empty cache: prefill the prompt, then `new_tokens` decode steps,
+each feeding the previous step's greedy token. Decode tokens/s is new_tokens / decode time.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import CcliError
+from .timing import _peak_rss
+
+
+@dataclass
+class GenerationTiming:
+    prefill_ms: float  # median
+    prefill_iqr_ms: float
+    decode_ms: float  # median time of all new_tokens decode steps of one run
+    decode_iqr_ms: float
+    runs: int
+    peak_mem_mb: float
+
+
+def check_generative(model, name: str) -> None:
+    """A one-line error unless `model` is a decoder language model (it has an LM head and a cache)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or getattr(model.config, "is_encoder_decoder", False) or not hasattr(model, "generate"):
+        raise CcliError(f"--generate needs a decoder language model with an LM head; '{name}' "
+                        f"({model.config.model_type}) has none")
+
+
+def _cache_kwarg(model) -> str:
+    """transformers 5.x renamed the forward's `past_key_values` to `cache` (the old name warns)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _cache_of(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def greedy_generate(model, input_ids: torch.Tensor, new_tokens: int, sync=lambda: None, clock=None) -> torch.Tensor:
+    """Greedy continuation of `input_ids` (batch 1) by `new_tokens` decode steps with the KV cache.
+
+    Returns the prompt followed by new_tokens + 1 tokens (the prefill's token, then one per decode
+    step). With `clock` (a list), appends the seconds spent in prefill and in decode."""
+    with torch.inference_mode():
+        start = time.perf_counter()
+        out = model(input_ids=input_ids, use_cache=True)
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        sync()
+        prefilled = time.perf_counter()
+        tokens = [input_ids, token]
+        past, key = _cache_of(out), _cache_kwarg(model)
+        for _ in range(new_tokens):
+            out = model(input_ids=token, use_cache=True, **{key: past})
+            past = _cache_of(out)
+            token = out.logits[:, -1].argmax(-1, keepdim=True)
+            tokens.append(token)
+        sync()
+        if clock is not None:
+            clock += [prefilled - start, time.perf_counter() - prefilled]
+    return torch.cat(tokens, dim=1)
+
+
+def stepwise_generate(model, input_ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """The same greedy continuation without a cache: every step runs the whole sequence again."""
+    ids = input_ids
+    with torch.inference_mode():
+        for _ in range(new_tokens + 1):
+            logits = model(input_ids=ids, use_cache=False).logits
+            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
+def time_generation(model, input_ids: torch.Tensor, new_tokens: int, *, device: str = "cpu", threads: int = 1,
+                    warmup: int = 1, min_run_time: float = 2.0, min_runs: int = 3) -> GenerationTiming:
+    """Time prefill and decode over repeated runs (after `warmup` untimed ones) until
+    `min_run_time` seconds have passed and at least `min_runs` runs were made."""
+    torch.set_num_threads(threads)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        greedy_generate(model, input_ids, new_tokens, sync)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    prefill, decode = [], []
+    start = time.perf_counter()
+    with _peak_rss() as rss:
+        while len(prefill) < min_runs or time.perf_counter() - start < min_run_time:
+            clock: list[float] = []
+            greedy_generate(model, input_ids, new_tokens, sync, clock)
+            prefill.append(clock[0])
+            decode.append(clock[1])
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else rss["peak"]
+
+    def stats(values):
+        t = torch.tensor(values, dtype=torch.float64) * 1e3
+        return float(t.median()), float(t.quantile(0.75) - t.quantile(0.25))
+
+    (p_med, p_iqr), (d_med, d_iqr) = stats(prefill), stats(decode)
+    return GenerationTiming(p_med, p_iqr, d_med, d_iqr, len(prefill), round(peak / 2**20, 1))
+
+
+def generation_row(name: str, variant: str, device: str, prompt: int, new_tokens: int, threads: int,
+                   timing: GenerationTiming, random_init: bool) -> dict:
+    return {
+        "model": name,
+        "variant": variant,
+        "device": device,
+        "batch": 1,
+        "prompt_tokens": prompt,
+        "new_tokens": new_tokens,
+        "threads": threads,
+        "prefill_ms": round(timing.prefill_ms, 3),
+        "prefill_iqr_ms": round(timing.prefill_iqr_ms, 3),
+        "decode_ms_per_token": round(timing.decode_ms / new_tokens, 4),
+        "decode_iqr_ms_per_token": round(timing.decode_iqr_ms / new_tokens, 4),
+        "decode_tokens_per_s": round(new_tokens / (timing.decode_ms / 1e3), 2),
+        "runs": timing.runs,
+        "peak_mem_mb": timing.peak_mem_mb,
+        "random_init": random_init,
+    }
