@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from .base import BlockVariant, ConvertedModule, FFNVariant, LinearVariant, Variant, VariantConfig
 from .fff import FFFVariant
+from .moe import MoEVariant
 from .ternary import TernaryVariant
 
 FAMILIES: dict[str, type[Variant]] = {}
@@ -23,6 +24,7 @@ def register(family: type[Variant]) -> type[Variant]:
 
 register(FFFVariant)
 register(TernaryVariant)
+register(MoEVariant)
 
 __all__ = ["FAMILIES", "BlockVariant", "ConvertedModule", "FFNVariant", "LinearVariant", "Variant", "VariantConfig",
            "register"]

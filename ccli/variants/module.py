@@ -21,7 +21,9 @@ class ConvertedModule(nn.Module):
     - `prepare_for_end_to_end()`: re-express the trainable state before end-to-end training, without
       changing what the module computes;
     - work per token: `neuron_counts(x)` -> (computed, positive) neurons per token or None,
-      `total_neurons` (neurons held), `adds_per_token` (additions standing for multiplications).
+      `total_neurons` (neurons held), `adds_per_token` (additions standing for multiplications);
+    - `auxiliary_loss()`: a loss of the module's own from its last training forward pass (a router's
+      regression target, ...), which the distillation engine adds to the distillation loss, or None.
     """
 
     unit_kind: ClassVar[str] = ""
@@ -33,6 +35,9 @@ class ConvertedModule(nn.Module):
         pass
 
     def neuron_counts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        return None
+
+    def auxiliary_loss(self) -> torch.Tensor | None:
         return None
 
     @property
