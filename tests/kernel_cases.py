@@ -227,10 +227,10 @@ def moe_case(n_tokens, hidden, experts, width, top_k, seed, gated=False, with_bi
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n_tokens, hidden, generator=g)
     rows = experts * width
-    w_in = torch.randn(rows, hidden, generator=g) / max(hidden, 1) ** 0.5
+    w_in = torch.randn(experts, hidden, width, generator=g) / max(hidden, 1) ** 0.5
     w_out = torch.randn(rows, hidden, generator=g) / max(width, 1) ** 0.5
     b_in = torch.randn(rows, generator=g) * 0.5 if with_bias else None
-    w_gate = torch.randn(rows, hidden, generator=g) / max(hidden, 1) ** 0.5 if gated else None
+    w_gate = torch.randn(experts, hidden, width, generator=g) / max(hidden, 1) ** 0.5 if gated else None
     b_out = torch.randn(hidden, generator=g) if with_b_out else None
     pickable = max(1, experts - unused)
     k = min(top_k, pickable)
@@ -253,7 +253,9 @@ def moe_oracle(x, tokens, offsets, w_in, b_in, w_out, activation, w_gate=None, g
     act = _SCALAR_ACTS[activation]
     x64 = x.double()
     experts = offsets.shape[0] - 1
-    width = w_in.shape[0] // experts
+    width = w_in.shape[2]
+    w_in = w_in.transpose(1, 2).reshape(experts * width, -1)  # neuron rows
+    w_gate = None if w_gate is None else w_gate.transpose(1, 2).reshape(experts * width, -1)
     y = torch.zeros(x.shape, dtype=torch.float64)
     if b_out is not None:
         y += b_out.double()

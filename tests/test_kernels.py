@@ -323,9 +323,9 @@ def _moe_noncontiguous():
     x, (tokens, offsets, w_in, b_in, w_out, act, w_gate, gates, b_out) = moe_case(9, 12, 4, 5, 2, seed=3, gated=True,
                                                                                  with_gates=True)
     x_nc = torch.stack([x, x], dim=-1)[..., 0]
-    w_in_nc = w_in.t().contiguous().t()
+    w_in_nc = w_in.transpose(1, 2).contiguous().transpose(1, 2)
     w_out_nc = torch.stack([w_out, w_out], dim=-1)[..., 0]
-    w_gate_nc = w_gate.t().contiguous().t()
+    w_gate_nc = w_gate.transpose(1, 2).contiguous().transpose(1, 2)
     args = (tokens, offsets, w_in, b_in, w_out, act, w_gate, gates, b_out)
     args_nc = (tokens, offsets, w_in_nc, b_in, w_out_nc, act, w_gate_nc, gates, b_out)
     return x, args, x_nc, args_nc, (x_nc, w_in_nc, w_out_nc, w_gate_nc)
@@ -343,11 +343,12 @@ def _moe_bad_calls():
     backwards[1], backwards[2] = offsets[2], offsets[1]
     return [
         ("w_out", x, args(w_out=w_out[:-1])),
-        ("w_in", x, args(w_in=w_in[:-1], w_out=w_out[:-1])),
+        ("w_in", x, args(w_in=w_in[:, :-1])),
+        ("w_in", x, args(w_in=w_in[:-1])),
         ("activation", x, args(act="tanh")),
         ("b_out", x, args(b_out=torch.zeros(5))),
         ("offsets", x, args(offsets=backwards)),
-        ("offsets", x, args(offsets=offsets[:-1])),
+        ("for E=2 experts", x, args(offsets=offsets[:-1])),  # offsets of 2 experts, weights of 3
         ("tokens must index", x[:2], args()),
         ("gates", x, args(gates=torch.ones(3))),
     ]
@@ -369,7 +370,7 @@ def _moe_empty(x, args) -> Case:
 
 def _moe_fake_error(x, args):
     tokens, offsets, w_in, *rest = args
-    return x, (tokens, offsets, w_in[:, :-1], *rest)
+    return x, (tokens, offsets, w_in[:, :-1], *rest)  # H of the weights no longer that of x
 
 
 MOE_SPEC = OpSpec(
@@ -396,7 +397,7 @@ MOE_SPEC = OpSpec(
     native_entry_points=lambda x, args: [lambda: M.moe_native(x, *args)],
     noncontiguous=_moe_noncontiguous,
     to_double=_moe_double,
-    empty_shape=lambda args: (0, args[2].shape[1]),
+    empty_shape=lambda args: (0, args[4].shape[1]),
     bad_calls=_moe_bad_calls,
     leading=_moe_leading,
     fake_error=("w_in", _moe_fake_error),

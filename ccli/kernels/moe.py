@@ -1,10 +1,13 @@
 """Grouped expert computation for mixtures of experts: the `ccli::moe` op.
 
-Layout. A layer has E experts of W neurons each over hidden size H: expert e owns rows e*W ...
-e*W + W - 1 of `w_in` (E*W, H), `b_in` (E*W,) (optional) and `w_out` (E*W, H) (row r is neuron r's
-output vector, i.e. the transpose of a down projection). A gated layer (LLaMA family) also has
-`w_gate` (E*W, H): its neurons are act(x.w_gate[r]) * (x.w_in[r] + b_in[r]); otherwise they are
-act(x.w_in[r] + b_in[r]).
+Layout. A layer has E experts of W neurons each over hidden size H. Expert e's input weights are
+`w_in[e]` (w_in is (E, H, W): column r of w_in[e] is the input row of neuron e*W + r, so an
+expert's block is read in one contiguous piece and multiplies a token's x as outer products), its
+biases `b_in[e*W : (e+1)*W]` (b_in (E*W,), optional) and its output vectors rows e*W ... e*W + W - 1
+of `w_out` (E*W, H) (row r is neuron r's output vector, i.e. the transpose of a down projection). A
+gated layer (LLaMA family) also has `w_gate` (E, H, W): its neurons are act(x.w_gate[e][:, r]) *
+(x.w_in[e][:, r] + b_in[e*W + r]); otherwise they are act(x.w_in[e][:, r] + b_in[e*W + r]).
+`expert_layout(weight, experts)` turns nn.Linear-layout rows (E*W, H) into (E, H, W).
 
 Routing is given, not computed: the op receives the (token, expert) pairs to run, grouped by expert.
 `tokens` (A,) int64 lists token indices, expert e's being tokens[offsets[e] : offsets[e+1]]; `offsets`
@@ -39,6 +42,7 @@ from ccli.kernels.registry import KernelOp, register_op
 __all__ = [
     "BACKENDS",
     "available_backends",
+    "expert_layout",
     "get_backend",
     "group_by_expert",
     "moe",
@@ -54,6 +58,11 @@ _ACT_FNS = activations.FUNCTIONS
 def moe_macs(pairs: int, hidden: int, width: int, gated: bool = False) -> int:
     """Multiply-accumulates of one call: pairs * W * H * (3 if gated else 2) (FLOPs are twice this)."""
     return pairs * width * hidden * (3 if gated else 2)
+
+
+def expert_layout(rows: torch.Tensor, experts: int) -> torch.Tensor:
+    """(E*W, H) neuron input rows (nn.Linear layout) -> the op's (E, H, W) expert blocks (a copy)."""
+    return rows.reshape(experts, -1, rows.shape[-1]).transpose(1, 2).contiguous()
 
 
 def group_by_expert(expert_idx: torch.Tensor, experts: int, keep: torch.Tensor | None = None,
@@ -87,14 +96,16 @@ def _check_args(x, tokens, offsets, w_in, b_in, w_out, activation, w_gate=None, 
     if tokens.dtype != torch.long or offsets.dtype != torch.long:
         raise ValueError(f"moe: tokens and offsets must be int64, got {tokens.dtype} and {offsets.dtype}")
     experts, hidden = offsets.shape[0] - 1, x.shape[1]
-    if w_in.dim() != 2 or w_in.shape[1] != hidden or w_in.shape[0] % experts or w_in.shape[0] == 0:
-        raise ValueError(f"moe: w_in must be (E*W, {hidden}) for E={experts} experts, got {tuple(w_in.shape)}")
-    if tuple(w_out.shape) != tuple(w_in.shape):
-        raise ValueError(f"moe: w_out must be {tuple(w_in.shape)} like w_in, got {tuple(w_out.shape)}")
+    if w_in.dim() != 3 or w_in.shape[0] != experts or w_in.shape[1] != hidden or w_in.shape[2] == 0:
+        raise ValueError(f"moe: w_in must be (E, H, W) = ({experts}, {hidden}, W >= 1) for E={experts} experts, "
+                         f"got {tuple(w_in.shape)}")
+    rows = experts * w_in.shape[2]
+    if tuple(w_out.shape) != (rows, hidden):
+        raise ValueError(f"moe: w_out must be ({rows}, {hidden}), got {tuple(w_out.shape)}")
     if w_gate is not None and tuple(w_gate.shape) != tuple(w_in.shape):
         raise ValueError(f"moe: w_gate must be {tuple(w_in.shape)} like w_in, got {tuple(w_gate.shape)}")
-    if b_in is not None and tuple(b_in.shape) != (w_in.shape[0],):
-        raise ValueError(f"moe: b_in must be ({w_in.shape[0]},), got {tuple(b_in.shape)}")
+    if b_in is not None and tuple(b_in.shape) != (rows,):
+        raise ValueError(f"moe: b_in must be ({rows},), got {tuple(b_in.shape)}")
     if gates is not None and tuple(gates.shape) != tuple(tokens.shape):
         raise ValueError(f"moe: gates must be {tuple(tokens.shape)} like tokens, got {tuple(gates.shape)}")
     if b_out is not None and tuple(b_out.shape) != (hidden,):
@@ -121,7 +132,7 @@ def moe_reference(x, tokens, offsets, w_in, b_in, w_out, activation, w_gate=None
     act = _ACT_FNS[activation]
     offs = _check_routing(tokens, offsets, x.shape[0])
     experts = len(offs) - 1
-    width = w_in.shape[0] // experts
+    width = w_in.shape[2]
     y = x.new_zeros(x.shape) if b_out is None else b_out.to(x.dtype).expand(x.shape).clone()
     for e in range(experts):
         lo, hi = offs[e], offs[e + 1]
@@ -130,11 +141,10 @@ def moe_reference(x, tokens, offsets, w_in, b_in, w_out, activation, w_gate=None
         rows = slice(e * width, (e + 1) * width)
         members = tokens[lo:hi]
         xe = x.index_select(0, members)
-        z = torch.nn.functional.linear(xe, w_in[rows], None if b_in is None else b_in[rows])
-        if w_gate is None:
-            h = act(z)
-        else:
-            h = act(torch.nn.functional.linear(xe, w_gate[rows])) * z
+        z = xe @ w_in[e]
+        if b_in is not None:
+            z = z + b_in[rows]
+        h = act(z) if w_gate is None else act(xe @ w_gate[e]) * z
         out = h @ w_out[rows]
         if gates is not None:
             out = out * gates[lo:hi].unsqueeze(1).to(out.dtype)
@@ -177,8 +187,7 @@ def _moe_fake(x, tokens, offsets, w_in, b_in, w_out, activation, w_gate=None, ga
 
 def _op_macs(x_shape, tokens_shape, offsets_shape, w_in_shape, b_in_shape, w_out_shape, activation,
              w_gate=None, gates=None, b_out=None) -> int:
-    experts = offsets_shape[0] - 1
-    return moe_macs(tokens_shape[0], x_shape[1], w_in_shape[0] // experts, w_gate is not None)
+    return moe_macs(tokens_shape[0], x_shape[1], w_in_shape[2], w_gate is not None)
 
 
 MOE_OP = register_op(KernelOp(

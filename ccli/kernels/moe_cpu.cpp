@@ -1,15 +1,16 @@
 // Native CPU kernel for mixtures of experts: grouped expert computation (the ccli::moe op).
 //
-// Contract (see ccli/kernels/moe.py): E experts of W neurons over hidden size H; expert e owns rows
-// e*W ... e*W + W - 1 of w_in, b_in, w_gate and w_out (w_out row r is neuron r's output vector). The
-// (token, expert) pairs to run come grouped by expert: expert e's tokens are
-// tokens[offsets[e] .. offsets[e+1]). Per pair: h_r = act(x.w_in[r] + b_in[r]) (gated:
-// act(x.w_gate[r]) * (x.w_in[r] + b_in[r])), y[token] += gate * sum_r h_r w_out[r]; y starts as b_out.
+// Contract (see ccli/kernels/moe.py): E experts of W neurons over hidden size H. Expert e's input
+// weights are w_in[e] (H x W: column r is neuron e*W + r's input row; w_gate likewise), its biases
+// b_in[e*W ...], its output vectors rows e*W ... e*W + W - 1 of w_out (E*W x H). The (token, expert)
+// pairs to run come grouped by expert: expert e's tokens are tokens[offsets[e] .. offsets[e+1]). Per
+// pair: h_r = act(x.w_in[e][:, r] + b_in[e*W + r]) (gated: act(x.w_gate[e][:, r]) * (...)),
+// y[token] += gate * sum_r h_r w_out[e*W + r]; y starts as b_out.
 //
 // Only the pairs given are computed: at one token, only the chosen experts' rows are read.
-//  - Each expert runs on its own tokens four at a time, register-blocked: four tokens against two
-//    rows for the input side (every weight row loaded once per four tokens), four tokens x 16 output
-//    columns for the output side.
+//  - Each expert runs on its own tokens four at a time, register-blocked as outer products: four
+//    tokens x 16 neurons for the input side (the H x W layout: no horizontal sums), four tokens x 16
+//    output columns for the output side; every weight is loaded once per four tokens.
 //  - Threads (OpenMP, the libgomp torch uses, so torch.set_num_threads applies): with many tokens,
 //    each thread owns a range of output rows and runs every expert on its tokens in that range (tokens
 //    ascending within each expert, as ccli.kernels.moe.group_by_expert makes them: a binary search per
@@ -114,31 +115,9 @@ inline void neurons(float* __restrict z, const float* __restrict b, const float*
 
 // ---- vector primitives (plain loops for the vectoriser) -------------------------------------------
 
-inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
-  float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
-  return acc;
-}
-
 inline void axpy(float* __restrict y, float a, const float* __restrict w, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) y[i] += a * w[i];
-}
-
-// One x against four rows.
-inline void dot_rows4(const float* __restrict x, const float* __restrict w0, const float* __restrict w1,
-                      const float* __restrict w2, const float* __restrict w3, int64_t n, float* out) {
-  float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
-#pragma omp simd reduction(+ : a0, a1, a2, a3)
-  for (int64_t i = 0; i < n; ++i) {
-    const float xi = x[i];
-    a0 += xi * w0[i];
-    a1 += xi * w1[i];
-    a2 += xi * w2[i];
-    a3 += xi * w3[i];
-  }
-  out[0] = a0, out[1] = a1, out[2] = a2, out[3] = a3;
 }
 
 inline void axpy_rows4(float* __restrict y, const float* a, const float* __restrict w0,
@@ -147,26 +126,6 @@ inline void axpy_rows4(float* __restrict y, const float* a, const float* __restr
   const float a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) y[i] += a0 * w0[i] + a1 * w1[i] + a2 * w2[i] + a3 * w3[i];
-}
-
-// Four tokens against two rows: 6 loads per 8 multiply-adds.
-inline void dot_tokens4_rows2(const float* const* x, const float* __restrict w0,
-                              const float* __restrict w1, int64_t n, float* out) {
-  const float* __restrict x0 = x[0];
-  const float* __restrict x1 = x[1];
-  const float* __restrict x2 = x[2];
-  const float* __restrict x3 = x[3];
-  float a00 = 0.0f, a10 = 0.0f, a20 = 0.0f, a30 = 0.0f, a01 = 0.0f, a11 = 0.0f, a21 = 0.0f, a31 = 0.0f;
-#pragma omp simd reduction(+ : a00, a10, a20, a30, a01, a11, a21, a31)
-  for (int64_t i = 0; i < n; ++i) {
-    const float u = w0[i], v = w1[i];
-    a00 += x0[i] * u, a01 += x0[i] * v;
-    a10 += x1[i] * u, a11 += x1[i] * v;
-    a20 += x2[i] * u, a21 += x2[i] * v;
-    a30 += x3[i] * u, a31 += x3[i] * v;
-  }
-  out[0] = a00, out[1] = a01, out[2] = a10, out[3] = a11;
-  out[4] = a20, out[5] = a21, out[6] = a30, out[7] = a31;
 }
 
 #if defined(__GNUC__) || defined(__clang__)
@@ -196,20 +155,46 @@ struct Problem {
   int64_t N, H, E, W;
 };
 
-// x . rows for 4 tokens, W rows from w (row0 on): z[t*W + r].
-inline void rows_tokens4(const Problem& p, const float* const* xs, const float* w, float* __restrict z) {
-  const int64_t H = p.H, W = p.W;
-  int64_t r = 0;
-  for (; r + 2 <= W; r += 2) {
-    float o[8];
-    dot_tokens4_rows2(xs, w + r * H, w + (r + 1) * H, H, o);
+// x . (an expert's H x W input block wT) for 4 tokens: z[t*W + r]. Outer products, 4 tokens x 16
+// neurons in registers (then 8), the last W % 8 neurons in a plain loop.
+inline void inputs_tokens4(const float* const* xs, const float* __restrict wT, int64_t H, int64_t W,
+                           float* __restrict z) {
+  int64_t j0 = 0;
+#ifdef CCLI_VECTOR_EXT
+  for (; j0 + 16 <= W; j0 += 16) {
+    v8f acc[4][2];
+    for (int t = 0; t < 4; ++t) acc[t][0] = acc[t][1] = v8f{};
+    const float* w = wT + j0;
+    for (int64_t h = 0; h < H; ++h, w += W) {
+      const v8f u = loadu8(w), v = loadu8(w + 8);
+      for (int t = 0; t < 4; ++t) {
+        const float s = xs[t][h];
+        acc[t][0] += s * u;
+        acc[t][1] += s * v;
+      }
+    }
     for (int t = 0; t < 4; ++t) {
-      z[t * W + r] = o[2 * t];
-      z[t * W + r + 1] = o[2 * t + 1];
+      storeu8(z + t * W + j0, acc[t][0]);
+      storeu8(z + t * W + j0 + 8, acc[t][1]);
     }
   }
-  for (; r < W; ++r) {
-    for (int t = 0; t < 4; ++t) z[t * W + r] = dot(xs[t], w + r * H, H);
+  for (; j0 + 8 <= W; j0 += 8) {
+    v8f acc[4] = {v8f{}, v8f{}, v8f{}, v8f{}};
+    const float* w = wT + j0;
+    for (int64_t h = 0; h < H; ++h, w += W) {
+      const v8f u = loadu8(w);
+      for (int t = 0; t < 4; ++t) acc[t] += xs[t][h] * u;
+    }
+    for (int t = 0; t < 4; ++t) storeu8(z + t * W + j0, acc[t]);
+  }
+#endif
+  if (j0 < W) {
+    const int64_t n = W - j0;
+    for (int t = 0; t < 4; ++t) std::fill(z + t * W + j0, z + t * W + W, 0.0f);
+    for (int64_t h = 0; h < H; ++h) {
+      const float* __restrict w = wT + h * W + j0;
+      for (int t = 0; t < 4; ++t) axpy(z + t * W + j0, xs[t][h], w, n);
+    }
   }
 }
 
@@ -229,8 +214,8 @@ void expert_tokens4(const Problem& p, int64_t e, int64_t i, float* out, float* _
   }
   float* z = scratch;
   float* zg = scratch + 4 * W;
-  rows_tokens4(p, xs, p.w_in + row0 * H, z);
-  if (p.w_gate != nullptr) rows_tokens4(p, xs, p.w_gate + row0 * H, zg);
+  inputs_tokens4(xs, p.w_in + e * H * W, H, W, z);
+  if (p.w_gate != nullptr) inputs_tokens4(xs, p.w_gate + e * H * W, H, W, zg);
   const float* bias = p.b_in != nullptr ? p.b_in + row0 : nullptr;
   for (int t = 0; t < 4; ++t) neurons<A>(z + t * W, bias, p.w_gate != nullptr ? zg + t * W : nullptr, g[t], W);
   // y_t += sum_q z[t, q] * w_out[row0 + q]: 4 tokens x 16 columns accumulated in registers.
@@ -272,16 +257,12 @@ void expert_token(const Problem& p, int64_t e, int64_t i, float* out, float* __r
   float* __restrict y = out + tok * H;
   float* z = scratch;
   float* zg = scratch + W;
-  auto rows = [&](const float* w, float* out_z) {
-    int64_t j = 0;
-    for (; j + 4 <= W; j += 4) {
-      const float* wr = w + (row0 + j) * H;
-      dot_rows4(x, wr, wr + H, wr + 2 * H, wr + 3 * H, H, out_z + j);
-    }
-    for (; j < W; ++j) out_z[j] = dot(x, w + (row0 + j) * H, H);
+  auto inputs = [&](const float* wT, float* out_z) {  // z = x . wT (H x W), contiguous rows of W
+    std::fill(out_z, out_z + W, 0.0f);
+    for (int64_t h = 0; h < H; ++h) axpy(out_z, x[h], wT + h * W, W);
   };
-  rows(p.w_in, z);
-  if (p.w_gate != nullptr) rows(p.w_gate, zg);
+  inputs(p.w_in + e * H * W, z);
+  if (p.w_gate != nullptr) inputs(p.w_gate + e * H * W, zg);
   neurons<A>(z, p.b_in != nullptr ? p.b_in + row0 : nullptr, p.w_gate != nullptr ? zg : nullptr,
              p.gates != nullptr ? p.gates[i] : 1.0f, W);
   int64_t j = 0;
@@ -392,11 +373,11 @@ at::Tensor moe_forward_impl(const at::Tensor& x_, const at::Tensor& tokens_, con
   TORCH_CHECK_VALUE(tokens_.scalar_type() == at::kLong && offsets_.scalar_type() == at::kLong,
                     "moe: tokens and offsets must be int64");
   const int64_t N = x_.size(0), H = x_.size(1), E = offsets_.size(0) - 1, pairs = tokens_.size(0);
-  TORCH_CHECK_VALUE(w_in_.dim() == 2 && w_in_.size(1) == H && w_in_.size(0) > 0 && w_in_.size(0) % E == 0,
-                    "moe: w_in must be (E*W, ", H, ") for E=", E, " experts, got ", w_in_.sizes());
-  const int64_t rows = w_in_.size(0), W = rows / E;
-  TORCH_CHECK_VALUE(w_out_.sizes() == w_in_.sizes(), "moe: w_out must be ", w_in_.sizes(), " like w_in, got ",
-                    w_out_.sizes());
+  TORCH_CHECK_VALUE(w_in_.dim() == 3 && w_in_.size(0) == E && w_in_.size(1) == H && w_in_.size(2) > 0,
+                    "moe: w_in must be (E, H, W) = (", E, ", ", H, ", W >= 1) for E=", E, " experts, got ", w_in_.sizes());
+  const int64_t W = w_in_.size(2), rows = E * W;
+  TORCH_CHECK_VALUE(w_out_.dim() == 2 && w_out_.size(0) == rows && w_out_.size(1) == H, "moe: w_out must be (",
+                    rows, ", ", H, "), got ", w_out_.sizes());
   TORCH_CHECK_VALUE(!present(w_gate_) || w_gate_->sizes() == w_in_.sizes(), "moe: w_gate must be ", w_in_.sizes(),
                     " like w_in");
   TORCH_CHECK_VALUE(!present(b_in_) || (b_in_->dim() == 1 && b_in_->size(0) == rows), "moe: b_in must be (", rows,

@@ -69,7 +69,7 @@ def _moe_kernel_src(
             mask_k = kk < H
             xt = tl.load(x_ptr + tok[:, None] * stride_x + kk[None, :], mask=mask_t[:, None] & mask_k[None, :],  # noqa: F821
                          other=0.0).to(tl.float32)  # noqa: F821
-            w_offs = rows[None, :] * H + kk[:, None]
+            w_offs = (expert * H + kk[:, None]) * W + rw[None, :]  # w_in[expert] is H x W
             w_mask = mask_k[:, None] & mask_w[None, :]
             wt = tl.load(w_in_ptr + w_offs, mask=w_mask, other=0.0).to(tl.float32)  # noqa: F821
             z += tl.dot(xt, wt, input_precision="ieee")  # noqa: F821
@@ -101,7 +101,7 @@ def moe_triton(x, tokens, offsets, w_in, b_in, w_out, activation, w_gate=None, g
     require_triton()
     n_tokens, hidden = x.shape
     experts = offsets.shape[0] - 1
-    width = w_in.shape[0] // experts
+    width = w_in.shape[2]
     # fp32 accumulation through atomic adds; the result is cast back at the end
     y = torch.zeros((n_tokens, hidden), dtype=torch.float32, device=x.device)
     if b_out is not None:

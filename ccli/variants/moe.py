@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from ..errors import CcliError
-from ..kernels.moe import group_by_expert, moe
+from ..kernels.moe import expert_layout, group_by_expert, moe
 from .base import ConvertedModule, DenseFFN, FFNVariant, VariantConfig, apply_activation, option
 
 GROUPINGS = ("cluster", "contiguous")
@@ -74,6 +74,7 @@ class MoE(ConvertedModule):
             self.shared_out = nn.Linear(shared, hidden_size, bias=False)
         self.output_bias = nn.Parameter(torch.zeros(hidden_size)) if output_bias else None
         self._aux: torch.Tensor | None = None
+        self._kernel_cache: tuple | None = None
 
     @property
     def total_neurons(self) -> int:
@@ -134,15 +135,16 @@ class MoE(ConvertedModule):
             h = apply_activation(self.shared_gate(x2d), self.activation) * z
         return self.shared_out(h)
 
-    def expert_norms(self, h: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-        """The norm of every expert's output vector per token, from all neuron outputs h (tokens, E*W)."""
+    def expert_norms(self, h: torch.Tensor) -> torch.Tensor:
+        """The norm of every expert's output vector per token, from all neuron outputs h (tokens, E*W):
+        |h_e W_out_e| = sqrt(h_e G_e h_e) with G_e = W_out_e W_out_e^T (W x W per expert), which costs
+        W/H of forming the output vectors themselves."""
         e, w = self.experts, self.expert_width
         w_out = self.w_out.detach().view(e, w, self.hidden_size)
-        parts = []
-        for start in range(0, h.shape[0], chunk):
-            hc = h[start : start + chunk].detach().view(-1, e, w)
-            parts.append(torch.linalg.vector_norm(torch.einsum("new,ewh->neh", hc, w_out), dim=-1))
-        return torch.cat(parts) if parts else h.new_zeros(0, e)
+        gram = w_out @ w_out.transpose(1, 2)  # (E, W, W)
+        he = h.detach().view(-1, e, w).transpose(0, 1)  # (E, tokens, W)
+        squared = (torch.bmm(he, gram) * he).sum(-1).T
+        return squared.clamp_min(0).sqrt()
 
     def auxiliary_loss(self) -> torch.Tensor | None:
         """The router's regression loss from the last training forward pass (then forgotten)."""
@@ -152,7 +154,9 @@ class MoE(ConvertedModule):
     # -- forward -------------------------------------------------------------------------------
     def _training_forward(self, x2d: torch.Tensor) -> torch.Tensor:
         h = self._neurons(x2d)
-        scores = self.scores(x2d)
+        # The router learns from its own loss only, on the inputs as given: its regression gradient must
+        # not reach the layers before it (end to end, it would pull them toward easier routing).
+        scores = self.scores(x2d.detach())
         norms = self.expert_norms(h)
         self._aux = ((scores - norms) ** 2).mean() / (norms**2).mean().clamp_min(1e-12)
         idx, keep = self.choose(scores.detach())
@@ -164,14 +168,26 @@ class MoE(ConvertedModule):
             y = y + shared
         return y if self.output_bias is None else y + self.output_bias
 
+    def _kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(w_in, w_gate) in the kernel's layout, (E, H, W) expert blocks: copies of the parameters,
+        cached while they are unchanged (the same tensors, at the same version and address; inference
+        tensors have no version counter, so for them only replacements and moves are seen)."""
+        params = [p for p in (self.w_in, self.w_gate) if p is not None]
+        key = tuple((id(p), -1 if p.is_inference() else p._version, p.data_ptr()) for p in params)
+        cache = self._kernel_cache
+        if cache is None or cache[0] != key:
+            blocks = [expert_layout(p.detach(), self.experts) for p in params]
+            cache = self._kernel_cache = (key, blocks[0], blocks[1] if len(blocks) > 1 else None, params)
+        return cache[1], cache[2]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, self.hidden_size)
         if self.training and torch.is_grad_enabled():
             return self._training_forward(x2d).view_as(x)
         idx, keep = self.choose(self.scores(x2d))
         tokens, offsets, _ = group_by_expert(idx, self.experts, keep)
-        y = moe(x2d, tokens, offsets, self.w_in, self.b_in, self.w_out, self.activation, self.w_gate, None,
-                self.output_bias)
+        w_in, w_gate = self._kernel_weights()
+        y = moe(x2d, tokens, offsets, w_in, self.b_in, self.w_out, self.activation, w_gate, None, self.output_bias)
         shared = self._shared_output(x2d)
         if shared is not None:
             y = y + shared
