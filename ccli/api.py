@@ -269,6 +269,46 @@ def _ternary_layer_case(source, hidden, width, act_bits):
     return name, hidden, layer, dense, kernels, work
 
 
+def _moe_layer_case(source, hidden, width, experts, top_k):
+    """As _fff_layer_case, for one MoE layer against the dense FFN of the same shape. Its routing is
+    real: the router's top-k picks the experts, so the work per token is top_k experts plus the router."""
+    from torch import nn
+
+    from .kernels import moe as kernels
+    from .variants.moe import MoE
+
+    if source is not None:
+        loaded = _as_loaded(source, False)
+        found = [(i, b.ffn.replaced) for i, b in enumerate(view(loaded.model).blocks) if isinstance(b.ffn.replaced, MoE)]
+        if not found:
+            raise CcliError(f"'{loaded.name}' has no MoE layer to time; give a directory written by ccli convert --to moe")
+        index, layer = found[0]
+        ffn = view(load(loaded.manifest["base_source"]).model).blocks[index].ffn
+        dense = nn.Sequential(ffn.inputs[0], ffn.act, ffn.output) if len(ffn.inputs) == 1 else None
+        if dense is None:
+            raise CcliError("bench --layer --to moe times non-gated FFNs only")
+        hidden, width = layer.hidden_size, ffn.width
+        name = f"{loaded.name} layer {index} FFN"
+    else:
+        if min(hidden, width, experts, top_k) < 1 or top_k > experts or width % experts:
+            raise CcliError("--hidden, --width, --experts and --top-k must be >= 1, --top-k at most --experts, "
+                            "and --width a multiple of --experts")
+        torch.manual_seed(0)
+        dense = nn.Sequential(nn.Linear(hidden, width), nn.GELU(), nn.Linear(width, hidden))
+        layer = MoE(hidden, experts, width // experts, top_k)
+        with torch.no_grad():
+            layer.w_in.copy_(dense[0].weight)
+            layer.b_in.copy_(dense[0].bias)
+            layer.w_out.copy_(dense[2].weight.T)
+            layer.output_bias.copy_(dense[2].bias)
+        name = f"random moe experts={experts} top_k={top_k}"
+    neurons = layer.top_k * layer.expert_width + layer.shared
+    work = {"kernel": {"neurons_per_token": neurons, "macs_per_token": 2 * hidden * neurons + hidden * layer.experts,
+                       "adds_per_token": 0},
+            "dense": {"neurons_per_token": width, "macs_per_token": 2 * hidden * width, "adds_per_token": 0}}
+    return name, hidden, layer, dense, kernels, work
+
+
 def bench_layer(
     source: ModelRef = None,
     *,
@@ -279,6 +319,8 @@ def bench_layer(
     depth: int = 11,
     leaf_width: int = 1,
     act_bits: int = 8,
+    experts: int = 64,
+    top_k: int = 15,
     tokens: Iterable[int] = (1, 128, 1024),
     device: str = "cpu",
     threads: int | None = None,
@@ -288,8 +330,10 @@ def bench_layer(
 
     `to="fff"`: an FFF layer against the dense FFN of the same shape (by default UltraFastBERT's 1x11
     tree at BERT-base's hidden 768 / width 3072). `to="ternary"`: a ternary linear (in = hidden,
-    out = width) against the fp32 nn.Linear. With `source` (a converted model directory) its first
-    FFF layer, or its largest ternary linear, is timed against the same part of its base model.
+    out = width) against the fp32 nn.Linear. `to="moe"`: a layer of `experts` experts (the dense
+    width split evenly), `top_k` per token by its router, against the dense FFN of the same shape.
+    With `source` (a converted model directory) its first FFF or MoE layer, or its largest ternary
+    linear, is timed against the same part of its base model.
     Timings do not depend on weight values: every token does the same work whatever its route."""
     _check_device(device)
     check_min_time(min_run_time)
@@ -298,8 +342,10 @@ def bench_layer(
         name, hidden, layer, dense, kernels, work = _fff_layer_case(source, hidden, width, trees, depth, leaf_width)
     elif to == "ternary":
         name, hidden, layer, dense, kernels, work = _ternary_layer_case(source, hidden, width, act_bits)
+    elif to == "moe":
+        name, hidden, layer, dense, kernels, work = _moe_layer_case(source, hidden, width, experts, top_k)
     else:
-        raise CcliError(f"--to {to}: bench --layer times fff or ternary layers")
+        raise CcliError(f"--to {to}: bench --layer times fff, ternary or moe layers")
     layer, dense = layer.eval().to(device), dense.eval().to(device)
     token_counts = list(tokens)
     if not token_counts or min(token_counts) < 1:

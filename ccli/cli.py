@@ -118,13 +118,15 @@ def bench(
         False, "--no-baselines", help="Skip the int8 and FFN-removed reference rows (a converted model is then timed alone, without its base model)."),
     random_init: bool = RandomInitOpt,
     layer: bool = typer.Option(False, "--layer", help="Time one converted layer on each kernel against its dense counterpart instead."),
-    to: Optional[str] = typer.Option(None, "--to", help="--layer: fff (default) or ternary."),
+    to: Optional[str] = typer.Option(None, "--to", help="--layer: fff (default), ternary or moe."),
     hidden: int = typer.Option(768, "--hidden", help="--layer without a model: hidden size (ternary: input features)."),
     width: int = typer.Option(3072, "--width", help="--layer without a model: dense FFN width (ternary: output features)."),
     trees: int = typer.Option(1, "--trees", help="--layer without a model: trees."),
     depth: int = typer.Option(11, "--depth", help="--layer without a model: depth."),
     leaf_width: int = typer.Option(1, "--leaf-width", help="--layer without a model: leaf width."),
     act_bits: int = typer.Option(8, "--act-bits", help="--layer --to ternary without a model: 8 or 16."),
+    experts: int = typer.Option(64, "--experts", help="--layer --to moe without a model: experts (the width split evenly)."),
+    top_k: int = typer.Option(15, "--top-k", help="--layer --to moe without a model: experts per token."),
     tokens: str = typer.Option("1,128,1024", "--tokens", help="--layer: token counts, comma separated."),
     generate: Optional[int] = typer.Option(
         None, "--generate", min=1, help="Decoder LMs: time greedy generation of N tokens at batch 1 with the KV cache "
@@ -142,7 +144,8 @@ def bench(
         with _status("benchmarking one layer", as_json):
             rows = _run(lambda: bench_layer(
                 models[0] if models else None, to=to or _layer_family(models), hidden=hidden, width=width,
-                trees=trees, depth=depth, leaf_width=leaf_width, act_bits=act_bits, tokens=counts, device=device, threads=threads, min_run_time=min_time,
+                trees=trees, depth=depth, leaf_width=leaf_width, act_bits=act_bits, experts=experts, top_k=top_k, tokens=counts,
+                device=device, threads=threads, min_run_time=min_time,
             ))
         _emit(rows, as_json, "bench-layer")
         return

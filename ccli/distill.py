@@ -120,7 +120,7 @@ def fit_layer(layer: nn.Module, x, y: torch.Tensor, cfg: DistillConfig, seed: in
     before = _eval_error(layer, x, y)
     for step in range(cfg.steps):
         idx = x.draw(generator, cfg.batch_tokens)
-        loss = relative_error(x.run(layer, idx), x.targets(y, idx))
+        loss = relative_error(x.run(layer, idx), x.targets(y, idx)) + auxiliary_loss([layer])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -130,6 +130,18 @@ def fit_layer(layer: nn.Module, x, y: torch.Tensor, cfg: DistillConfig, seed: in
     layer.eval()
     after = _eval_error(layer, x, y)
     return before, after
+
+
+def auxiliary_loss(modules) -> torch.Tensor | float:
+    """The sum of the converted modules' own losses from their last training forward pass (a router's
+    regression loss, ...; ConvertedModule.auxiliary_loss), 0 when none has one."""
+    total = 0.0
+    for module in modules:
+        for m in module.modules() if isinstance(module, nn.Module) else ():
+            aux = m.auxiliary_loss() if hasattr(m, "auxiliary_loss") else None
+            if aux is not None:
+                total = total + aux
+    return total
 
 
 def _eval_error(layer: nn.Module, x, y: torch.Tensor) -> float:
@@ -329,8 +341,9 @@ def end_to_end(student: nn.Module, teacher: nn.Module, batches: list[dict], cfg:
         with torch.no_grad():
             target = compared_states(teacher(**kwargs, output_hidden_states=True), mask, cfg.e2e_target)
         loss = hidden_state_error(compared_states(student(**kwargs, output_hidden_states=True), mask, cfg.e2e_target), target)
+        aux = auxiliary_loss(layers)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + aux).backward()
         optimizer.step()
         schedule.step()
         losses.append(loss.item())

@@ -68,11 +68,19 @@ def profile_tables(records: list[dict]) -> list[Table]:
     for rec in records:
         layers.add_column(f"{rec['model']}: computed", justify="right")
         layers.add_column("positive", justify="right")
+    routed = any("expert_load" in layer for r in records for layer in r["active_neurons"])
+    if routed:
+        layers.add_column("expert load: busiest / mean, unused", justify="right")
     for i in range(max(len(r["active_neurons"]) for r in records)):
         cells = [str(i)]
+        loads = []
         for rec in records:
             layer = rec["active_neurons"][i] if i < len(rec["active_neurons"]) else None
             cells += [_span(layer, "computed"), _span(layer, "positive")] if layer else ["", ""]
+            if layer and "expert_load" in layer:
+                loads.append(f"{layer['load_max']:.2f}x, {layer['experts_unused']} of {len(layer['expert_load'])}")
+        if routed:
+            cells.append("; ".join(loads) or "-")
         layers.add_row(*cells)
     tables = [summary, layers]
     if any(r.get("routed_blocks") for r in records):

@@ -210,3 +210,78 @@ TERNARY_TRITON_SHAPES = {**TERNARY_SHAPES, "in_features": st.sampled_from([1, 3,
 
 def ternary_group(in_features, group_frac):
     return in_features if group_frac is None else group_frac
+
+
+# --- MoE ------------------------------------------------------------------------------------------------
+
+MOE_TOL = 1e-4
+
+
+def moe_case(n_tokens, hidden, experts, width, top_k, seed, gated=False, with_bias=True, with_gates=False,
+             with_b_out=True, unused=0, one_expert=False, ascending=True):
+    """Random x and weights for `experts` experts of `width` neurons, and a routing: every token picks
+    `top_k` distinct experts among the first experts - `unused` (so the last `unused` are picked by no
+    token), or, with one_expert, every token expert 0 alone. Returns (x, args) in the op's order."""
+    from ccli.kernels import moe as M
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_tokens, hidden, generator=g)
+    rows = experts * width
+    w_in = torch.randn(experts, hidden, width, generator=g) / max(hidden, 1) ** 0.5
+    w_out = torch.randn(rows, hidden, generator=g) / max(width, 1) ** 0.5
+    b_in = torch.randn(rows, generator=g) * 0.5 if with_bias else None
+    w_gate = torch.randn(experts, hidden, width, generator=g) / max(hidden, 1) ** 0.5 if gated else None
+    b_out = torch.randn(hidden, generator=g) if with_b_out else None
+    pickable = max(1, experts - unused)
+    k = min(top_k, pickable)
+    if one_expert:
+        idx = torch.zeros(n_tokens, 1, dtype=torch.long)
+    else:
+        idx = torch.stack([torch.randperm(pickable, generator=g)[:k] for _ in range(n_tokens)]) if n_tokens else (
+            torch.zeros(0, k, dtype=torch.long))
+    tokens, offsets, _ = M.group_by_expert(idx, experts)
+    if not ascending:  # the same pairs, tokens in no particular order within each expert
+        perm = torch.cat([lo + torch.randperm(hi - lo, generator=g)
+                          for lo, hi in zip(offsets[:-1].tolist(), offsets[1:].tolist())])
+        tokens = tokens[perm]
+    gates = torch.rand(tokens.shape[0], generator=g) + 0.5 if with_gates else None
+    return x, (tokens, offsets, w_in, b_in, w_out, "gelu", w_gate, gates, b_out)
+
+
+def moe_oracle(x, tokens, offsets, w_in, b_in, w_out, activation, w_gate=None, gates=None, b_out=None):
+    """Slow loop over the pairs written straight from the contract, in float64."""
+    act = _SCALAR_ACTS[activation]
+    x64 = x.double()
+    experts = offsets.shape[0] - 1
+    width = w_in.shape[2]
+    w_in = w_in.transpose(1, 2).reshape(experts * width, -1)  # neuron rows
+    w_gate = None if w_gate is None else w_gate.transpose(1, 2).reshape(experts * width, -1)
+    y = torch.zeros(x.shape, dtype=torch.float64)
+    if b_out is not None:
+        y += b_out.double()
+    offs = offsets.tolist()
+    for e in range(experts):
+        for i in range(offs[e], offs[e + 1]):
+            t = int(tokens[i])
+            for r in range(e * width, (e + 1) * width):
+                z = float(x64[t] @ w_in[r].double()) + (float(b_in[r]) if b_in is not None else 0.0)
+                h = act(float(x64[t] @ w_gate[r].double())) * z if w_gate is not None else act(z)
+                y[t] += (float(gates[i]) if gates is not None else 1.0) * h * w_out[r].double()
+    return y
+
+
+MOE_SHAPES = dict(
+    n_tokens=st.integers(1, 12),
+    hidden=st.sampled_from([1, 7, 33]) | st.integers(1, 40),
+    experts=st.integers(1, 6),
+    width=st.integers(1, 9),
+    top_k=st.integers(1, 4),
+    seed=st.integers(0, 2**31 - 1),
+    gated=st.booleans(),
+    with_bias=st.booleans(),
+    with_gates=st.booleans(),
+    with_b_out=st.booleans(),
+    unused=st.integers(0, 2),
+    one_expert=st.booleans(),
+    ascending=st.booleans(),
+)

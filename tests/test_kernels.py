@@ -31,6 +31,8 @@ from hypothesis import strategies as st
 from kernel_cases import (
     FFF_SHAPES,
     FFF_TOL,
+    MOE_SHAPES,
+    MOE_TOL,
     REPO,
     TERNARY_NATIVE_VARIANTS,
     TERNARY_SHAPES,
@@ -40,6 +42,7 @@ from kernel_cases import (
     fff_bias,
     fff_case,
     load_native_or_skip,
+    moe_case,
     needs_interpreter,
     run_interpreter_tests,
     ternary_case,
@@ -47,8 +50,9 @@ from kernel_cases import (
     ternary_int8_kernel,
 )
 
-from ccli.kernels import activations, fff_triton, native, registry, ternary_triton
+from ccli.kernels import activations, fff_triton, moe_triton, native, registry, ternary_triton
 from ccli.kernels import fff as F
+from ccli.kernels import moe as M
 from ccli.kernels import ternary as T
 from ccli.kernels.native import REQUIRE_ENV, NativeUnavailable
 
@@ -82,6 +86,7 @@ class OpSpec:
     bad_calls: Callable[[], list[tuple[str, torch.Tensor, tuple]]]  # (error match, x, args)
     leading: Callable[[], Case]  # 12 tokens
     fake_error: tuple[str, Callable[[torch.Tensor, tuple], Case]]  # (match, bad arguments) for meta inputs
+    empty: Callable[[torch.Tensor, tuple], Case] | None = None  # no tokens (default: x[:0], the same arguments)
 
     @property
     def op(self) -> registry.KernelOp:
@@ -96,6 +101,9 @@ class OpSpec:
 
     def reference(self, x, args):
         return self.op.reference(x, *args)
+
+    def no_tokens(self, x, args) -> Case:
+        return self.empty(x, args) if self.empty is not None else (x[:0], args)
 
     def native_variant(self, ext, variant):
         return ternary_int8_kernel(ext, variant) if self.name == "ternary_linear" else _nothing(ext)
@@ -289,7 +297,114 @@ TERNARY_SPEC = OpSpec(
     fake_error=("scale", _ternary_fake_error),
 )
 
-SPECS = [FFF_SPEC, TERNARY_SPEC]
+# --- MoE ------------------------------------------------------------------------------------------------
+
+
+def _moe_make(**drawn) -> Case:
+    return moe_case(**drawn)
+
+
+def _moe_realistic(n_tokens, hidden, experts, width, top_k, gated=False, **kw):
+    return lambda: moe_case(n_tokens, hidden, experts, width, top_k, seed=hidden + n_tokens, gated=gated, **kw)
+
+
+def _moe_thread_cases() -> list[Case]:
+    cases = []
+    for n_tokens, hidden, experts, width, top_k in [(1, 64, 16, 24, 6), (3, 40, 6, 10, 2), (37, 33, 8, 7, 3),
+                                                   (130, 48, 12, 9, 4)]:
+        for gated in (False, True):
+            for ascending in (True, False):
+                cases.append(moe_case(n_tokens, hidden, experts, width, top_k, seed=n_tokens, gated=gated,
+                                      with_gates=gated, ascending=ascending))
+    return cases
+
+
+def _moe_noncontiguous():
+    x, (tokens, offsets, w_in, b_in, w_out, act, w_gate, gates, b_out) = moe_case(9, 12, 4, 5, 2, seed=3, gated=True,
+                                                                                 with_gates=True)
+    x_nc = torch.stack([x, x], dim=-1)[..., 0]
+    w_in_nc = w_in.transpose(1, 2).contiguous().transpose(1, 2)
+    w_out_nc = torch.stack([w_out, w_out], dim=-1)[..., 0]
+    w_gate_nc = w_gate.transpose(1, 2).contiguous().transpose(1, 2)
+    args = (tokens, offsets, w_in, b_in, w_out, act, w_gate, gates, b_out)
+    args_nc = (tokens, offsets, w_in_nc, b_in, w_out_nc, act, w_gate_nc, gates, b_out)
+    return x, args, x_nc, args_nc, (x_nc, w_in_nc, w_out_nc, w_gate_nc)
+
+
+def _moe_double(x, args) -> Case:
+    return x.double(), tuple(a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+
+def _moe_bad_calls():
+    x, (tokens, offsets, w_in, b_in, w_out, act, w_gate, gates, b_out) = moe_case(6, 8, 3, 4, 2, seed=0)
+    args = lambda **kw: tuple({**dict(tokens=tokens, offsets=offsets, w_in=w_in, b_in=b_in, w_out=w_out, act=act,  # noqa: E731
+                                      w_gate=w_gate, gates=gates, b_out=b_out), **kw}.values())
+    backwards = offsets.clone()
+    backwards[1], backwards[2] = offsets[2], offsets[1]
+    return [
+        ("w_out", x, args(w_out=w_out[:-1])),
+        ("w_in", x, args(w_in=w_in[:, :-1])),
+        ("w_in", x, args(w_in=w_in[:-1])),
+        ("activation", x, args(act="tanh")),
+        ("b_out", x, args(b_out=torch.zeros(5))),
+        ("offsets", x, args(offsets=backwards)),
+        ("for E=2 experts", x, args(offsets=offsets[:-1])),  # offsets of 2 experts, weights of 3
+        ("tokens must index", x[:2], args()),
+        ("gates", x, args(gates=torch.ones(3))),
+    ]
+
+
+def _moe_leading() -> Case:
+    # 12 tokens, of which only the first picks experts (so that a single row, x[0], is a valid call too)
+    x, (tokens, offsets, *rest) = moe_case(12, 10, 5, 3, 3, seed=5, gated=True)
+    idx = torch.tensor([[0, 2, 4]])
+    tokens, offsets, _ = M.group_by_expert(idx, 5)
+    return x, (tokens, offsets, *rest)
+
+
+def _moe_empty(x, args) -> Case:
+    tokens, offsets, w_in, b_in, w_out, act, w_gate, gates, b_out = args
+    return x[:0], (tokens[:0], torch.zeros_like(offsets), w_in, b_in, w_out, act, w_gate,
+                   None if gates is None else gates[:0], b_out)
+
+
+def _moe_fake_error(x, args):
+    tokens, offsets, w_in, *rest = args
+    return x, (tokens, offsets, w_in[:, :-1], *rest)  # H of the weights no longer that of x
+
+
+MOE_SPEC = OpSpec(
+    name="moe",
+    module=M,
+    function=M.moe,
+    native_direct=M.moe_native,
+    triton_direct=moe_triton.moe_triton,
+    tol=MOE_TOL,
+    native_variants=("default",),
+    native_examples=40,
+    native_shapes=MOE_SHAPES,
+    triton_examples=12,
+    triton_shapes={**MOE_SHAPES, "n_tokens": st.integers(1, 5), "hidden": st.sampled_from([1, 7, 20, 33])},
+    make=_moe_make,
+    realistic=[(f"moe-{'-'.join(map(str, shape))}", _moe_realistic(*shape)) for shape in [
+        (1, 384, 64, 24, 14), (128, 384, 64, 24, 14), (5, 768, 64, 48, 16, True), (300, 64, 8, 16, 3),
+        (1, 31, 3, 7, 3, True), (200, 33, 10, 11, 2)]]
+    + [("moe-one-expert", _moe_realistic(90, 40, 6, 8, 1, one_expert=True)),
+       ("moe-unused-experts", _moe_realistic(70, 40, 12, 8, 3, unused=6))],
+    thread_cases=_moe_thread_cases,
+    small=lambda: moe_case(4, 8, 3, 4, 2, seed=2),
+    failing=lambda: moe_case(4, 8, 3, 4, 2, seed=4, gated=True),
+    native_entry_points=lambda x, args: [lambda: M.moe_native(x, *args)],
+    noncontiguous=_moe_noncontiguous,
+    to_double=_moe_double,
+    empty_shape=lambda args: (0, args[4].shape[1]),
+    bad_calls=_moe_bad_calls,
+    leading=_moe_leading,
+    fake_error=("w_in", _moe_fake_error),
+    empty=_moe_empty,
+)
+
+SPECS = [FFF_SPEC, TERNARY_SPEC, MOE_SPEC]
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 
@@ -378,8 +493,8 @@ def test_native_noncontiguous_other_dtypes_and_empty(native_spec):
         y64 = spec.call(*spec.to_double(x, args))  # float64 is not a native dtype: the reference
         assert y64.dtype is torch.float64
         assert_close(y64.float(), expected, spec.tol)
-        assert spec.call(x[:0], args).shape == spec.empty_shape(args)  # no tokens
-    assert spec.reference(x[:0], args).shape == spec.empty_shape(args)
+        assert spec.call(*spec.no_tokens(x, args)).shape == spec.empty_shape(args)  # no tokens
+    assert spec.reference(*spec.no_tokens(x, args)).shape == spec.empty_shape(args)
 
 
 @pytest.mark.parametrize("backend", ["reference", "native"])
@@ -596,6 +711,10 @@ FAKE_CASES = [
     pytest.param("ternary_linear", lambda: _ternary_fake_args(True, 8), id="ternary_linear-act8"),
     pytest.param("ternary_linear", lambda: _ternary_fake_args(False, 16), id="ternary_linear-act16"),
     pytest.param("ternary_outliers_", _outlier_args, id="ternary_outliers_"),
+    pytest.param("moe", lambda: (lambda x, args: (x, *args))(*moe_case(6, 10, 4, 3, 2, seed=6)), id="moe"),
+    pytest.param("moe", lambda: (lambda x, args: (x, *args))(*moe_case(6, 10, 4, 3, 2, seed=6, gated=True,
+                                                                         with_gates=True, with_bias=False)),
+                 id="moe-gated"),
 ]
 
 
@@ -677,6 +796,29 @@ def _outlier_flops():
             2 * 6 * 3)
 
 
+class _TinyMoE(torch.nn.Module):
+    """Experts picked by a fixed rule (token t runs experts t, t+1, ..., t+k-1 mod E), through the op."""
+
+    def __init__(self, experts, width, top_k, hidden, gated):
+        super().__init__()
+        _, (_, _, w_in, b_in, w_out, _, w_gate, _, _) = moe_case(1, hidden, experts, width, 1, seed=7, gated=gated)
+        self.w_in, self.b_in, self.w_out, self.w_gate = w_in, b_in, w_out, w_gate
+        self.experts, self.top_k = experts, top_k
+
+    def forward(self, x):
+        x2d = x.reshape(-1, x.shape[-1])
+        idx = (torch.arange(x2d.shape[0]).unsqueeze(1) + torch.arange(self.top_k)) % self.experts
+        tokens, offsets, _ = M.group_by_expert(idx, self.experts)
+        return M.moe(x, tokens, offsets, self.w_in, self.b_in, self.w_out, "gelu", self.w_gate)
+
+
+def _moe_flops(experts, width, top_k, shape, gated):
+    n_tokens, hidden = math.prod(shape[:-1]), shape[-1]
+    return (lambda: (_TinyMoE(experts, width, top_k, hidden, gated), {"x": torch.randn(*shape)}),
+            2 * n_tokens * top_k * width * hidden * (3 if gated else 2),  # by hand: the experts each token ran
+            2 * M.moe_macs(n_tokens * top_k, hidden, width, gated))
+
+
 FLOP_CASES = [
     *(pytest.param("fff", *_fff_flops(*case), id=f"fff-{i}")
       for i, case in enumerate([(1, 11, 1, (5, 16)), (3, 2, 4, (2, 3, 16)), (2, 0, 3, (4, 16))])),
@@ -684,6 +826,8 @@ FLOP_CASES = [
       for i, case in enumerate([(16, 8, 16, (5,), 8), (50, 6, 16, (2, 3), 8), (24, 4, 5, (1,), 8),
                                 (50, 6, 16, (2, 3), 16)])),
     pytest.param("ternary_outliers_", *_outlier_flops(), id="ternary_outliers_"),
+    *(pytest.param("moe", *_moe_flops(*case), id=f"moe-{i}")
+      for i, case in enumerate([(8, 4, 3, (5, 16), False), (6, 5, 2, (2, 3, 16), True), (4, 3, 4, (1, 16), False)])),
 ]
 
 

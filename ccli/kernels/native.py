@@ -10,12 +10,13 @@ one a binary built for another's instruction set.
 - `FFF` (fff_cpu.cpp): the `ccli::fff` op (ccli.kernels.fff). The module-level functions below
   (`load`, `failure_reason`, `set_dispatch`, `reset`, `fff_native`, ...) are its API.
 - `TERNARY` (ternary_cpu.cpp): the `ccli::ternary_linear` op (ccli.kernels.ternary).
+- `MOE` (moe_cpu.cpp): the `ccli::moe` op (ccli.kernels.moe).
 
 Every C++ source includes ccli_op.h, the dispatcher glue they share (the switch between the C++
 kernel and the Python fallback below, `configure`, releasing the GIL).
 
 If a build fails (no compiler, no OpenMP, ...), or the extension's environment variable
-(CCLI_FFF_NATIVE / CCLI_TERNARY_NATIVE) or CCLI_NATIVE is set to 0, `load()` returns None and callers
+(CCLI_FFF_NATIVE / CCLI_TERNARY_NATIVE / CCLI_MOE_NATIVE) or CCLI_NATIVE is set to 0, `load()` returns None and callers
 use the PyTorch reference. A failed build warns once and is not retried in the same process.
 
 With CCLI_REQUIRE_NATIVE=1 (CI sets it) there is no fallback: `load()` raises `NativeUnavailable`
@@ -284,9 +285,10 @@ class NativeExtension:
 
 FFF = NativeExtension("fff_cpu", "FFF", "CCLI_FFF_NATIVE")
 TERNARY = NativeExtension("ternary_cpu", "ternary", "CCLI_TERNARY_NATIVE")
+MOE = NativeExtension("moe_cpu", "MoE", "CCLI_MOE_NATIVE")
 SOURCE = FFF.source
 
-EXTENSIONS = {"fff": FFF, "ternary": TERNARY}
+EXTENSIONS = {"fff": FFF, "ternary": TERNARY, "moe": MOE}
 
 # Module attributes that mirror the FFF extension's state (read through __getattr__).
 _FFF_STATE = {"_ext": "ext", "_loaded": "loaded", "_failure": "failure", "build_seconds": "build_seconds"}

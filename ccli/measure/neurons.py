@@ -3,7 +3,8 @@
 For a dense FFN every neuron is computed; the interesting number is how many have a positive
 activation (the others contribute little or nothing: the waste that conditional compute targets).
 For gated FFNs the activation measured is act(gate(x)). Converted FFNs (ccli variants) report their
-own counts through `neuron_counts`, which returns (computed, positive) per token.
+own counts through `neuron_counts`, which returns (computed, positive) per token. Routed FFNs (MoE)
+also report which experts each token ran (`routing_mask`): each layer's expert load.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ def record_activations(arch: ArchView):
                     computed, positive = counts
                     records[i]["computed"] = computed.reshape(-1)
                     records[i]["positive"] = positive.reshape(-1)
+                if hasattr(module, "routing_mask"):
+                    with torch.no_grad():
+                        records[i]["routing"] = module.routing_mask(args[0].reshape(-1, args[0].shape[-1]))
 
             handles.append(ffn.replaced.register_forward_hook(hook))
             continue
@@ -48,7 +52,10 @@ def record_activations(arch: ArchView):
 
 
 def active_neurons(arch: ArchView, inputs: dict[str, torch.Tensor]) -> list[dict]:
-    """Per block: width, and computed / positive neurons per (non-padding) token: mean, min, max."""
+    """Per block: width, and computed / positive neurons per (non-padding) token: mean, min, max. For
+    a routed FFN also its expert load: `expert_load` (the share of the tokens each expert ran on, in
+    expert order), `experts_unused` (experts no token picked) and `load_max` (the busiest expert's
+    share of tokens over the mean share, 1.0 = perfectly balanced)."""
     mask = inputs.get("attention_mask")
     with torch.no_grad(), record_activations(arch) as records:
         arch.model(**inputs)
@@ -67,5 +74,13 @@ def active_neurons(arch: ArchView, inputs: dict[str, torch.Tensor]) -> list[dict
             row[key] = round(values.mean().item(), 2)
             row[f"{key}_min"] = int(values.min().item())
             row[f"{key}_max"] = int(values.max().item())
+        routing = rec.get("routing")
+        if routing is not None:
+            if real is not None and routing.shape[0] == real.numel():
+                routing = routing[real]
+            load = routing.float().mean(0)
+            row["expert_load"] = [round(v, 4) for v in load.tolist()]
+            row["experts_unused"] = int((load == 0).sum())
+            row["load_max"] = round(load.max().item() / max(load.mean().item(), 1e-12), 2)
         rows.append(row)
     return rows

@@ -7,6 +7,7 @@ from __future__ import annotations
 from .base import BlockVariant, ConvertedModule, FFNVariant, LinearVariant, Variant, VariantConfig
 from .fff import FFFVariant
 from .mod import MoDVariant
+from .moe import MoEVariant
 from .ternary import TernaryVariant
 
 FAMILIES: dict[str, type[Variant]] = {}
@@ -25,6 +26,7 @@ def register(family: type[Variant]) -> type[Variant]:
 register(FFFVariant)
 register(TernaryVariant)
 register(MoDVariant)
+register(MoEVariant)
 
 __all__ = ["FAMILIES", "BlockVariant", "ConvertedModule", "FFNVariant", "LinearVariant", "Variant", "VariantConfig",
            "register"]

@@ -23,7 +23,9 @@ class ConvertedModule(nn.Module):
     - work per token: `neuron_counts(x)` -> (computed, positive) neurons per token or None,
       `total_neurons` (neurons held), `adds_per_token` (additions standing for multiplications);
     - `routing()`: for a block that routes tokens around itself, what its last forward did
-      ({"capacity", "tokens" processed, "real_tokens" it was given}), else None.
+      ({"capacity", "tokens" processed, "real_tokens" it was given}), else None;
+    - `auxiliary_loss()`: a loss of the module's own from its last training forward pass (a router's
+      regression target, ...), which the distillation engine adds to the distillation loss, or None.
     """
 
     unit_kind: ClassVar[str] = ""
@@ -38,6 +40,9 @@ class ConvertedModule(nn.Module):
         return None
 
     def routing(self) -> dict | None:
+        return None
+
+    def auxiliary_loss(self) -> torch.Tensor | None:
         return None
 
     @property

@@ -1,0 +1,473 @@
+// Native CPU kernel for mixtures of experts: grouped expert computation (the ccli::moe op).
+//
+// Contract (see ccli/kernels/moe.py): E experts of W neurons over hidden size H. Expert e's input
+// weights are w_in[e] (H x W: column r is neuron e*W + r's input row; w_gate likewise), its biases
+// b_in[e*W ...], its output vectors rows e*W ... e*W + W - 1 of w_out (E*W x H). The (token, expert)
+// pairs to run come grouped by expert: expert e's tokens are tokens[offsets[e] .. offsets[e+1]). Per
+// pair: h_r = act(x.w_in[e][:, r] + b_in[e*W + r]) (gated: act(x.w_gate[e][:, r]) * (...)),
+// y[token] += gate * sum_r h_r w_out[e*W + r]; y starts as b_out.
+//
+// Only the pairs given are computed: at one token, only the chosen experts' rows are read.
+//  - Each expert runs on its own tokens four at a time, register-blocked as outer products: four
+//    tokens x 16 neurons for the input side (the H x W layout: no horizontal sums), four tokens x 16
+//    output columns for the output side; every weight is loaded once per four tokens.
+//  - Threads (OpenMP, the libgomp torch uses, so torch.set_num_threads applies): with many tokens,
+//    each thread owns a range of output rows and runs every expert on its tokens in that range (tokens
+//    ascending within each expert, as ccli.kernels.moe.group_by_expert makes them: a binary search per
+//    expert finds them; no two threads write the same row). With few tokens (the latency case) the
+//    work items are (expert, block of its tokens), shared out statically (the same split on every
+//    call, so results are reproducible bit for bit), each thread adding into a private output buffer;
+//    the buffers are summed at the end, in thread order.
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Exception.h>
+#include <torch/csrc/utils/pybind.h>
+#include <torch/library.h>
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "ccli_op.h"
+
+namespace {
+
+enum class Act { Gelu, GeluTanh, Relu, Silu };
+
+Act parse_act(std::string_view name) {
+  if (name == "gelu") return Act::Gelu;
+  if (name == "gelu_tanh") return Act::GeluTanh;
+  if (name == "relu") return Act::Relu;
+  if (name == "silu") return Act::Silu;
+  TORCH_CHECK_VALUE(false, "moe: unknown activation '", std::string(name), "' (gelu, gelu_tanh, relu, silu)");
+}
+
+// Activations over arrays, written for the vectoriser: exp by range reduction and a polynomial
+// (Cephes expf, ~1e-7 relative), erf by Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7). A scalar
+// std::erf per neuron costs as much as the neuron's multiply-accumulates at these widths.
+inline float exp_approx(float x) {
+  x = std::min(std::max(x, -87.3f), 88.3f);
+  const float fx = std::floor(x * 1.44269504088896341f + 0.5f);
+  x -= fx * 0.693359375f;
+  x -= fx * -2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * x + 1.3981999507e-3f;
+  y = y * x + 8.3334519073e-3f;
+  y = y * x + 4.1665795894e-2f;
+  y = y * x + 1.6666665459e-1f;
+  y = y * x + 5.0000001201e-1f;
+  y = y * x * x + x + 1.0f;
+  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(fx) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return y * scale;
+}
+
+inline float erf_approx(float x) {
+  const float ax = std::fabs(x);
+  const float t = 1.0f / (1.0f + 0.3275911f * ax);
+  float poly = 1.061405429f;
+  poly = poly * t - 1.453152027f;
+  poly = poly * t + 1.421413741f;
+  poly = poly * t - 0.284496736f;
+  poly = poly * t + 0.254829592f;
+  const float r = 1.0f - poly * t * exp_approx(-ax * ax);
+  return std::copysign(r, x);
+}
+
+template <Act A>
+inline float act(float z) {
+  if constexpr (A == Act::Gelu) {
+    return 0.5f * z * (1.0f + erf_approx(z * 0.70710678118654752440f));
+  } else if constexpr (A == Act::GeluTanh) {
+    // 0.5 z (1 + tanh(u)) = z / (1 + exp(-2u))
+    const float u = 0.79788456080286535588f * (z + 0.044715f * z * z * z);
+    return z / (1.0f + exp_approx(-2.0f * u));
+  } else if constexpr (A == Act::Relu) {
+    return z > 0.0f ? z : 0.0f;
+  } else {
+    return z / (1.0f + exp_approx(-z));
+  }
+}
+
+// h[i] = act(z[i] + b[i]) (b may be null), or act(g[i]) * (z[i] + b[i]) when g (gate pre-activations)
+// is given, times `scale`, over n values.
+template <Act A>
+inline void neurons(float* __restrict z, const float* __restrict b, const float* __restrict g, float scale,
+                    int64_t n) {
+  if (g == nullptr) {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) z[i] = scale * act<A>(z[i] + (b != nullptr ? b[i] : 0.0f));
+  } else {
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) z[i] = scale * act<A>(g[i]) * (z[i] + (b != nullptr ? b[i] : 0.0f));
+  }
+}
+
+// ---- vector primitives (plain loops for the vectoriser) -------------------------------------------
+
+inline void axpy(float* __restrict y, float a, const float* __restrict w, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] += a * w[i];
+}
+
+inline void axpy_rows4(float* __restrict y, const float* a, const float* __restrict w0,
+                       const float* __restrict w1, const float* __restrict w2,
+                       const float* __restrict w3, int64_t n) {
+  const float a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] += a0 * w0[i] + a1 * w1[i] + a2 * w2[i] + a3 * w3[i];
+}
+
+#if defined(__GNUC__) || defined(__clang__)
+#define CCLI_VECTOR_EXT 1
+typedef float v8f __attribute__((vector_size(32)));
+inline v8f loadu8(const float* p) {
+  v8f v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void storeu8(float* p, v8f v) { std::memcpy(p, &v, sizeof v); }
+#endif
+
+// ---- the problem -------------------------------------------------------------------------------------
+
+struct Problem {
+  const float* x;
+  const int64_t* tokens;
+  const int64_t* offsets;
+  const float* w_in;
+  const float* b_in;    // or nullptr
+  const float* w_gate;  // or nullptr (not gated)
+  const float* w_out;
+  const float* gates;  // per pair, or nullptr (1)
+  const float* b_out;  // or nullptr
+  float* y;
+  int64_t N, H, E, W;
+};
+
+// x . (an expert's H x W input block wT) for 4 tokens: z[t*W + r]. Outer products, 4 tokens x 16
+// neurons in registers (then 8), the last W % 8 neurons in a plain loop.
+inline void inputs_tokens4(const float* const* xs, const float* __restrict wT, int64_t H, int64_t W,
+                           float* __restrict z) {
+  int64_t j0 = 0;
+#ifdef CCLI_VECTOR_EXT
+  for (; j0 + 16 <= W; j0 += 16) {
+    v8f acc[4][2];
+    for (int t = 0; t < 4; ++t) acc[t][0] = acc[t][1] = v8f{};
+    const float* w = wT + j0;
+    for (int64_t h = 0; h < H; ++h, w += W) {
+      const v8f u = loadu8(w), v = loadu8(w + 8);
+      for (int t = 0; t < 4; ++t) {
+        const float s = xs[t][h];
+        acc[t][0] += s * u;
+        acc[t][1] += s * v;
+      }
+    }
+    for (int t = 0; t < 4; ++t) {
+      storeu8(z + t * W + j0, acc[t][0]);
+      storeu8(z + t * W + j0 + 8, acc[t][1]);
+    }
+  }
+  for (; j0 + 8 <= W; j0 += 8) {
+    v8f acc[4] = {v8f{}, v8f{}, v8f{}, v8f{}};
+    const float* w = wT + j0;
+    for (int64_t h = 0; h < H; ++h, w += W) {
+      const v8f u = loadu8(w);
+      for (int t = 0; t < 4; ++t) acc[t] += xs[t][h] * u;
+    }
+    for (int t = 0; t < 4; ++t) storeu8(z + t * W + j0, acc[t]);
+  }
+#endif
+  if (j0 < W) {
+    const int64_t n = W - j0;
+    for (int t = 0; t < 4; ++t) std::fill(z + t * W + j0, z + t * W + W, 0.0f);
+    for (int64_t h = 0; h < H; ++h) {
+      const float* __restrict w = wT + h * W + j0;
+      for (int t = 0; t < 4; ++t) axpy(z + t * W + j0, xs[t][h], w, n);
+    }
+  }
+}
+
+// Expert e on four tokens (pairs i .. i+3 of the grouped list), adding into rows of `out`.
+// scratch: 8*W floats.
+template <Act A>
+void expert_tokens4(const Problem& p, int64_t e, int64_t i, float* out, float* __restrict scratch) {
+  const int64_t H = p.H, W = p.W, row0 = e * W;
+  const float* xs[4];
+  float* ys[4];
+  float g[4];
+  for (int t = 0; t < 4; ++t) {
+    const int64_t tok = p.tokens[i + t];
+    xs[t] = p.x + tok * H;
+    ys[t] = out + tok * H;
+    g[t] = p.gates != nullptr ? p.gates[i + t] : 1.0f;
+  }
+  float* z = scratch;
+  float* zg = scratch + 4 * W;
+  inputs_tokens4(xs, p.w_in + e * H * W, H, W, z);
+  if (p.w_gate != nullptr) inputs_tokens4(xs, p.w_gate + e * H * W, H, W, zg);
+  const float* bias = p.b_in != nullptr ? p.b_in + row0 : nullptr;
+  for (int t = 0; t < 4; ++t) neurons<A>(z + t * W, bias, p.w_gate != nullptr ? zg + t * W : nullptr, g[t], W);
+  // y_t += sum_q z[t, q] * w_out[row0 + q]: 4 tokens x 16 columns accumulated in registers.
+  int64_t i0 = 0;
+#ifdef CCLI_VECTOR_EXT
+  for (; i0 + 16 <= H; i0 += 16) {
+    v8f acc[4][2];
+    for (int t = 0; t < 4; ++t) acc[t][0] = acc[t][1] = v8f{};
+    const float* wo = p.w_out + row0 * H + i0;
+    for (int64_t q = 0; q < W; ++q, wo += H) {
+      const v8f u = loadu8(wo), v = loadu8(wo + 8);
+      for (int t = 0; t < 4; ++t) {
+        const float s = z[t * W + q];
+        acc[t][0] += s * u;
+        acc[t][1] += s * v;
+      }
+    }
+    for (int t = 0; t < 4; ++t) {
+      storeu8(ys[t] + i0, loadu8(ys[t] + i0) + acc[t][0]);
+      storeu8(ys[t] + i0 + 8, loadu8(ys[t] + i0 + 8) + acc[t][1]);
+    }
+  }
+#endif
+  if (i0 < H) {
+    const int64_t rest = H - i0;
+    for (int64_t q = 0; q < W; ++q) {
+      const float* wo = p.w_out + (row0 + q) * H + i0;
+      for (int t = 0; t < 4; ++t) axpy(ys[t] + i0, z[t * W + q], wo, rest);
+    }
+  }
+}
+
+// Expert e on one token (pair i), adding into its row of `out`. scratch: 2*W floats.
+template <Act A>
+void expert_token(const Problem& p, int64_t e, int64_t i, float* out, float* __restrict scratch) {
+  const int64_t H = p.H, W = p.W, row0 = e * W;
+  const int64_t tok = p.tokens[i];
+  const float* __restrict x = p.x + tok * H;
+  float* __restrict y = out + tok * H;
+  float* z = scratch;
+  float* zg = scratch + W;
+  auto inputs = [&](const float* wT, float* out_z) {  // z = x . wT (H x W), contiguous rows of W
+    std::fill(out_z, out_z + W, 0.0f);
+    for (int64_t h = 0; h < H; ++h) axpy(out_z, x[h], wT + h * W, W);
+  };
+  inputs(p.w_in + e * H * W, z);
+  if (p.w_gate != nullptr) inputs(p.w_gate + e * H * W, zg);
+  neurons<A>(z, p.b_in != nullptr ? p.b_in + row0 : nullptr, p.w_gate != nullptr ? zg : nullptr,
+             p.gates != nullptr ? p.gates[i] : 1.0f, W);
+  int64_t j = 0;
+  for (; j + 4 <= W; j += 4) {
+    const float* wo = p.w_out + (row0 + j) * H;
+    axpy_rows4(y, z + j, wo, wo + H, wo + 2 * H, wo + 3 * H, H);
+  }
+  for (; j < W; ++j) axpy(y, z[j], p.w_out + (row0 + j) * H, H);
+}
+
+// Expert e on pairs [begin, end) of the grouped list.
+template <Act A>
+void expert_pairs(const Problem& p, int64_t e, int64_t begin, int64_t end, float* out, float* scratch) {
+  int64_t i = begin;
+  for (; i + 4 <= end; i += 4) expert_tokens4<A>(p, e, i, out, scratch);
+  for (; i < end; ++i) expert_token<A>(p, e, i, out, scratch);
+}
+
+template <Act A>
+void moe_all(const Problem& p, bool ascending) {
+  const int64_t N = p.N, H = p.H, E = p.E;
+  for (int64_t n = 0; n < N; ++n) {
+    float* y = p.y + n * H;
+    if (p.b_out != nullptr) {
+      std::copy(p.b_out, p.b_out + H, y);
+    } else {
+      std::fill(y, y + H, 0.0f);
+    }
+  }
+  const int64_t pairs = p.offsets[E];
+  const int nthreads = at::get_num_threads();
+  if (pairs == 0) return;
+  if (nthreads <= 1 || pairs == 1) {
+    std::vector<float> scratch(8 * p.W);
+    for (int64_t e = 0; e < E; ++e) expert_pairs<A>(p, e, p.offsets[e], p.offsets[e + 1], p.y, scratch.data());
+    return;
+  }
+  if (ascending && N >= 8 * int64_t(nthreads)) {
+    // Each thread owns the output rows [lo, hi) and runs every expert on its tokens there.
+#pragma omp parallel num_threads(nthreads)
+    {
+      const int t = omp_get_thread_num(), T = omp_get_num_threads();
+      const int64_t lo = N * t / T, hi = N * (t + 1) / T;
+      std::vector<float> scratch(8 * p.W);
+      for (int64_t e = 0; e < E; ++e) {
+        const int64_t* first = p.tokens + p.offsets[e];
+        const int64_t* last = p.tokens + p.offsets[e + 1];
+        const int64_t b = std::lower_bound(first, last, lo) - p.tokens;
+        const int64_t f = std::lower_bound(first, last, hi) - p.tokens;
+        if (f > b) expert_pairs<A>(p, e, b, f, p.y, scratch.data());
+      }
+    }
+    return;
+  }
+  // Few tokens: (expert, block of its tokens) work items, private output buffers summed at the end.
+  const int64_t chunk = 16;
+  std::vector<int64_t> items;  // (expert, begin, end) triples
+  for (int64_t e = 0; e < E; ++e) {
+    for (int64_t b = p.offsets[e]; b < p.offsets[e + 1]; b += chunk) {
+      items.push_back(e);
+      items.push_back(b);
+      items.push_back(std::min(b + chunk, p.offsets[e + 1]));
+    }
+  }
+  const int64_t n_items = static_cast<int64_t>(items.size()) / 3;
+  const int T = static_cast<int>(std::min<int64_t>(nthreads, n_items));
+  std::vector<float> partial(size_t(T) * N * H, 0.0f);
+#pragma omp parallel num_threads(T)
+  {
+    const int t = omp_get_thread_num();
+    float* mine = partial.data() + size_t(t) * N * H;
+    std::vector<float> scratch(8 * p.W);
+    // static: the same items land in the same buffer on every call, so results are bit-reproducible
+#pragma omp for schedule(static)
+    for (int64_t it = 0; it < n_items; ++it) {
+      expert_pairs<A>(p, items[3 * it], items[3 * it + 1], items[3 * it + 2], mine, scratch.data());
+    }
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < N * H; ++i) {
+      float acc = 0.0f;
+      for (int q = 0; q < T; ++q) acc += partial[size_t(q) * N * H + i];
+      p.y[i] += acc;
+    }
+  }
+}
+
+bool is_float_cpu(const at::Tensor& t) { return t.device().is_cpu() && t.scalar_type() == at::kFloat; }
+bool is_float_cpu(const std::optional<at::Tensor>& t) { return !t.has_value() || !t->defined() || is_float_cpu(*t); }
+bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+bool supported(const at::Tensor& x, const at::Tensor& tokens, const at::Tensor& offsets, const at::Tensor& w_in,
+               const std::optional<at::Tensor>& b_in, const at::Tensor& w_out,
+               const std::optional<at::Tensor>& w_gate, const std::optional<at::Tensor>& gates,
+               const std::optional<at::Tensor>& b_out) {
+  return is_float_cpu(x) && is_float_cpu(w_in) && is_float_cpu(w_out) && is_float_cpu(b_in) && is_float_cpu(w_gate) &&
+         is_float_cpu(gates) && is_float_cpu(b_out) && tokens.device().is_cpu() && offsets.device().is_cpu();
+}
+
+at::Tensor moe_forward_impl(const at::Tensor& x_, const at::Tensor& tokens_, const at::Tensor& offsets_,
+                            const at::Tensor& w_in_, const std::optional<at::Tensor>& b_in_, const at::Tensor& w_out_,
+                            std::string_view activation, const std::optional<at::Tensor>& w_gate_,
+                            const std::optional<at::Tensor>& gates_, const std::optional<at::Tensor>& b_out_) {
+  const Act a = parse_act(activation);
+  TORCH_CHECK_VALUE(x_.dim() == 2, "moe: x must be 2-D (N, H), got ", x_.sizes());
+  TORCH_CHECK_VALUE(offsets_.dim() == 1 && offsets_.size(0) >= 2, "moe: offsets must be (E+1,) with E >= 1 experts, got ",
+                    offsets_.sizes());
+  TORCH_CHECK_VALUE(tokens_.dim() == 1, "moe: tokens must be 1-D (pairs,), got ", tokens_.sizes());
+  TORCH_CHECK_VALUE(tokens_.scalar_type() == at::kLong && offsets_.scalar_type() == at::kLong,
+                    "moe: tokens and offsets must be int64");
+  const int64_t N = x_.size(0), H = x_.size(1), E = offsets_.size(0) - 1, pairs = tokens_.size(0);
+  TORCH_CHECK_VALUE(w_in_.dim() == 3 && w_in_.size(0) == E && w_in_.size(1) == H && w_in_.size(2) > 0,
+                    "moe: w_in must be (E, H, W) = (", E, ", ", H, ", W >= 1) for E=", E, " experts, got ", w_in_.sizes());
+  const int64_t W = w_in_.size(2), rows = E * W;
+  TORCH_CHECK_VALUE(w_out_.dim() == 2 && w_out_.size(0) == rows && w_out_.size(1) == H, "moe: w_out must be (",
+                    rows, ", ", H, "), got ", w_out_.sizes());
+  TORCH_CHECK_VALUE(!present(w_gate_) || w_gate_->sizes() == w_in_.sizes(), "moe: w_gate must be ", w_in_.sizes(),
+                    " like w_in");
+  TORCH_CHECK_VALUE(!present(b_in_) || (b_in_->dim() == 1 && b_in_->size(0) == rows), "moe: b_in must be (", rows,
+                    ",)");
+  TORCH_CHECK_VALUE(!present(gates_) || (gates_->dim() == 1 && gates_->size(0) == pairs), "moe: gates must be (",
+                    pairs, ",) like tokens");
+  TORCH_CHECK_VALUE(!present(b_out_) || (b_out_->dim() == 1 && b_out_->size(0) == H), "moe: b_out must be (", H, ",)");
+  TORCH_CHECK(supported(x_, tokens_, offsets_, w_in_, b_in_, w_out_, w_gate_, gates_, b_out_),
+              "moe native kernel: float32 CPU tensors only");
+  const at::Tensor x = x_.contiguous(), tokens = tokens_.contiguous(), offsets = offsets_.contiguous(),
+                   w_in = w_in_.contiguous(), w_out = w_out_.contiguous();
+  const at::Tensor b_in = present(b_in_) ? b_in_->contiguous() : at::Tensor();
+  const at::Tensor w_gate = present(w_gate_) ? w_gate_->contiguous() : at::Tensor();
+  const at::Tensor gates = present(gates_) ? gates_->contiguous() : at::Tensor();
+  const at::Tensor b_out = present(b_out_) ? b_out_->contiguous() : at::Tensor();
+  // The routing, checked against the data: offsets from 0 to the pairs, never decreasing; tokens index x.
+  const int64_t* off = offsets.const_data_ptr<int64_t>();
+  const int64_t* tok = tokens.const_data_ptr<int64_t>();
+  TORCH_CHECK_VALUE(off[0] == 0 && off[E] == pairs, "moe: offsets must start at 0, never decrease and end at the ",
+                    pairs, " pairs");
+  bool ascending = true;
+  for (int64_t e = 0; e < E; ++e) {
+    TORCH_CHECK_VALUE(off[e + 1] >= off[e], "moe: offsets must start at 0, never decrease and end at the ", pairs,
+                      " pairs");
+    for (int64_t i = off[e]; i < off[e + 1]; ++i) {
+      TORCH_CHECK_VALUE(tok[i] >= 0 && tok[i] < N, "moe: tokens must index the ", N, " rows of x");
+      if (i > off[e] && tok[i] <= tok[i - 1]) ascending = false;
+    }
+  }
+  at::Tensor y = at::empty({N, H}, x.options());
+  if (N == 0 || H == 0) return y;
+  const Problem p{x.const_data_ptr<float>(),
+                  tok,
+                  off,
+                  w_in.const_data_ptr<float>(),
+                  b_in.defined() ? b_in.const_data_ptr<float>() : nullptr,
+                  w_gate.defined() ? w_gate.const_data_ptr<float>() : nullptr,
+                  w_out.const_data_ptr<float>(),
+                  gates.defined() ? gates.const_data_ptr<float>() : nullptr,
+                  b_out.defined() ? b_out.const_data_ptr<float>() : nullptr,
+                  y.mutable_data_ptr<float>(),
+                  N,
+                  H,
+                  E,
+                  W};
+  auto run = [&] {
+    switch (a) {
+      case Act::Gelu: moe_all<Act::Gelu>(p, ascending); break;
+      case Act::GeluTanh: moe_all<Act::GeluTanh>(p, ascending); break;
+      case Act::Relu: moe_all<Act::Relu>(p, ascending); break;
+      case Act::Silu: moe_all<Act::Silu>(p, ascending); break;
+    }
+  };
+  ccli_op::without_gil(run);
+  return y;
+}
+
+// --- the CPU kernel of the ccli::moe op -----------------------------------------------------------
+// Registered with the dispatcher when this extension loads (glue: ccli_op.h). When the Python side
+// selects anything but this kernel, or for other dtypes, calls go to its Python kernel.
+
+at::Tensor moe_cpu_kernel(const at::Tensor& x, const at::Tensor& tokens, const at::Tensor& offsets,
+                          const at::Tensor& w_in, const std::optional<at::Tensor>& b_in, const at::Tensor& w_out,
+                          c10::string_view activation, const std::optional<at::Tensor>& w_gate,
+                          const std::optional<at::Tensor>& gates, const std::optional<at::Tensor>& b_out) {
+  if (ccli_op::native_enabled() && supported(x, tokens, offsets, w_in, b_in, w_out, w_gate, gates, b_out)) {
+    return moe_forward_impl(x, tokens, offsets, w_in, b_in, w_out,
+                            std::string_view(activation.data(), activation.size()), w_gate, gates, b_out);
+  }
+  return ccli_op::call_fallback("ccli::moe", x, tokens, offsets, w_in, b_in, w_out, activation, w_gate, gates, b_out);
+}
+
+at::Tensor moe_forward(const at::Tensor& x, const at::Tensor& tokens, const at::Tensor& offsets, const at::Tensor& w_in,
+                       const std::optional<at::Tensor>& b_in, const at::Tensor& w_out, const std::string& activation,
+                       const std::optional<at::Tensor>& w_gate, const std::optional<at::Tensor>& gates,
+                       const std::optional<at::Tensor>& b_out) {
+  return moe_forward_impl(x, tokens, offsets, w_in, b_in, w_out, activation, w_gate, gates, b_out);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(ccli, CPU, m) {
+  m.impl("moe", &moe_cpu_kernel);
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "ccli native CPU kernel for mixtures of experts (grouped expert computation)";
+  m.def("moe_forward", &moe_forward, "MoE grouped experts (float32, CPU); no dispatcher", pybind11::arg("x"),
+        pybind11::arg("tokens"), pybind11::arg("offsets"), pybind11::arg("w_in"), pybind11::arg("b_in"),
+        pybind11::arg("w_out"), pybind11::arg("activation"), pybind11::arg("w_gate") = pybind11::none(),
+        pybind11::arg("gates") = pybind11::none(), pybind11::arg("b_out") = pybind11::none());
+  ccli_op::def_dispatch(m);
+}
