@@ -7,9 +7,7 @@ import json
 import xml.etree.ElementTree as ElementTree
 
 import pytest
-import torch
 from torch import nn
-from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 from typer.testing import CliRunner
 
 import ccli
@@ -17,35 +15,14 @@ from ccli.cli import app
 from ccli.conversion import convert
 from ccli.errors import CcliError
 from ccli.frontier import BASELINES, pareto_front
-from ccli.hub import embedded_model_dir
 from ccli.report import compare_table
 
-VOCAB = 30522  # the embedded model's WordPiece tokenizer, saved next to each tiny model
 FAST = dict(seq=[8], min_time=0.01, rounds=2, threads=1, heldout_paragraphs=12)
 EMBEDDING_COLUMNS = ("embedding_cosine", "embedding_cosine_min", "embedding_cosine_short", "retrieval_agreement")
 LM_COLUMNS = ("perplexity_student", "kl", "top1_agreement")
 runner = CliRunner()
 
 
-def _save_tiny(model: nn.Module, path) -> str:
-    model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(str(embedded_model_dir())).save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB)
-    return _save_tiny(BertModel(cfg).eval(), tmp_path_factory.mktemp("bert") / "tiny-bert")
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=VOCAB, pad_token_id=0)
-    return _save_tiny(LlamaForCausalLM(cfg).eval(), tmp_path_factory.mktemp("llama") / "tiny-llama")
 
 
 @pytest.fixture(scope="module")

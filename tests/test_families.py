@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoTokenizer, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer
 
 import ccli
 from ccli.api import bench, profile
@@ -29,7 +29,6 @@ from ccli.variants import FAMILIES, register
 from ccli.variants.base import BlockVariant, ConvertedModule, VariantConfig, option, wrap_block
 
 pytestmark = pytest.mark.slow
-VOCAB = 30522  # the embedded model's WordPiece tokenizer, shipped with the tiny models below
 BUDGET = dict(steps=12, tokens=512, batch_tokens=128, e2e_batch=4, heldout_paragraphs=16, show_progress=False)
 
 
@@ -68,25 +67,6 @@ def blockgate():
     del FAMILIES["blockgate"]
 
 
-def _save_tiny(model: nn.Module, path) -> str:
-    model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(str(embedded_model_dir())).save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = BertConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB)
-    return _save_tiny(BertModel(cfg).eval(), tmp_path_factory.mktemp("bert") / "tiny-bert")
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, vocab_size=VOCAB, pad_token_id=0)
-    return _save_tiny(LlamaForCausalLM(cfg).eval(), tmp_path_factory.mktemp("llama") / "tiny-llama")
 
 
 def _outputs(model, text="Every block still sees every token here."):
