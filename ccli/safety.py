@@ -118,7 +118,7 @@ _SAVED_FILES = re.compile(r"(model\.safetensors|config\.json|ccli\.json|tokenize
 
 def remove_leftovers(out: Path) -> list[Path]:
     """Remove what an interrupted run left next to `out`: the hidden temporary directory of a save
-    (`.NAME.ccli-tmpPID.XXXX`, or an older ccli's `.NAME.XXXXXXXX`), half-written progress files
+    (`.NAME.ccli-tmpPID.<random>`, or an older ccli's `.NAME.<8 random characters>`), half-written progress files
     (`.NAME.ccli-progress.N.pt.tmpPID`), and the old model a replacement set aside
     (`.NAME.oldPID`: removed once the new one is in place, put back when it is not). Only leftovers
     of processes that are gone are touched. Returns what was removed."""
