@@ -69,4 +69,4 @@ def test_ternary_options_are_checked():
     result = runner.invoke(app, ["convert", "--to", "ternary", "--depth", "3"])
     assert result.exit_code == 2 and "--depth does not apply to ternary" in result.stderr
     result = runner.invoke(app, ["convert", "--to", "ternary", "--act-bits", "4"])
-    assert result.exit_code == 2 and "act-bits must be 8 or 16" in result.stderr
+    assert result.exit_code == 2 and "act-bits must be one of 8, 16 (got 4)" in result.stderr
