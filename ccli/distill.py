@@ -7,7 +7,8 @@ linear layers (ternary) or whole blocks (mod). Conversion runs in two stages, th
    what the converted units before it really produce; ccli.capture): the first `tokens` real tokens
    of the training batches (token rows, or whole calls for block units), so the batches must come in
    random order (`data.training_text` shuffles the text). It computes the teacher's outputs on those
-   inputs, builds the new module from the dense one (`unit.build`) and trains it to match (relative MSE). A progress checkpoint is written
+   inputs, builds the new module from the dense one (`unit.build`) and trains it to match (relative MSE,
+   plus each converted module's own `auxiliary_loss()`, e.g. a router's regression). A progress checkpoint is written
    after every unit, and every two minutes during stage 2.
 2. Optionally end to end: all converted modules are trained together so that the student's hidden
    states match the teacher's on the same text: the final ones (`e2e_target="last"`), or every

@@ -54,3 +54,36 @@ def test_end_to_end_on_every_block_output_trains_and_is_kept():
 def test_unknown_end_to_end_target_is_a_clear_error():
     with pytest.raises(CcliError, match="--e2e-target must be one of last, all"):
         DistillConfig(e2e_target="first").validate()
+
+
+def test_a_modules_auxiliary_loss_is_trained_layer_wise():
+    """fit_layer adds each converted module's own loss (ConvertedModule.auxiliary_loss) to the
+    distillation loss: here a parameter that only the auxiliary loss reaches is pulled to its target."""
+    from torch import nn
+
+    from ccli.distill import auxiliary_loss, fit_layer
+    from ccli.variants.base import ConvertedModule
+
+    class WithAux(ConvertedModule):
+        unit_kind = "ffn"
+
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(HIDDEN, HIDDEN)
+            self.side = nn.Parameter(torch.zeros(()))
+            self._aux = None
+
+        def forward(self, x):
+            if self.training:
+                self._aux = (self.side - 3.0) ** 2
+            return self.linear(x)
+
+        def auxiliary_loss(self):
+            aux, self._aux = self._aux, None
+            return aux
+
+    layer = WithAux()
+    x = torch.randn(256, HIDDEN)
+    fit_layer(layer, x, x.clone(), DistillConfig(steps=200, batch_tokens=64, lr=0.05), seed=0)
+    assert abs(layer.side.item() - 3.0) < 0.1
+    assert auxiliary_loss([layer]) == 0.0  # read once, then forgotten
