@@ -206,7 +206,7 @@ def _convert_signature() -> inspect.Signature:
                help="Add this fraction of short random spans (4-64 words) to the training text (default 0)."),
         option("e2e_target", Optional[str], "--e2e-target",
                help="End-to-end loss on the final hidden states (last, default) or on every block's output (all)."),
-        option("data", Optional[str], "--data", help="Training text: bundled, a .txt or .jsonl file, or hf:NAME."),
+        option("data", Optional[str], "--data", help="Training text: bundled (its training domains), bundled:NAME[,NAME], a .txt or .jsonl file, or hf:NAME; scored per domain."),
         option("out", Optional[str], "--out", "-o", help="Directory to save the converted model in."),
         inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
             False, "--resume", help="Continue an interrupted conversion into the same --out.")),
@@ -225,14 +225,15 @@ app.command()(convert)
 @app.command("eval")
 def evaluate(
     directory: str = typer.Argument(..., help="A directory written by ccli convert --out."),
-    data: Optional[str] = typer.Option(None, "--data", help="Held-out text: bundled, a .txt or .jsonl file, or hf:NAME."),
+    data: Optional[str] = typer.Option(None, "--data", help="Your own text (.txt or .jsonl file, or hf:NAME), scored as a domain of its own beside the bundled ones."),
+    paragraphs: int = typer.Option(128, "--paragraphs", min=2, help="Held-out paragraphs to score per text domain."),
     as_json: bool = JsonOpt,
 ):
-    """Fidelity of a converted model to its base model on held-out text."""
+    """Fidelity of a converted model to its base model on held-out text, per text domain."""
     from .conversion import evaluate as run_eval
 
     with _status("evaluating", as_json):
-        record = _run(lambda: run_eval(directory, data=data))
+        record = _run(lambda: run_eval(directory, data=data, heldout_paragraphs=paragraphs))
     _emit([record], as_json, "eval")
 
 
@@ -246,8 +247,8 @@ def compare(
     device: str = typer.Option("cpu", "--device", "-d", help="cpu or cuda (for timing; fidelity is measured on CPU)."),
     min_time: float = typer.Option(0.5, "--min-time", min=0.01, help="Seconds of timed runs per row, length and round."),
     rounds: int = typer.Option(5, "--rounds", min=1, help="Interleaved timing rounds; the median over rounds is reported."),
-    data: Optional[str] = typer.Option(None, "--data", help="Held-out text: bundled, a .txt or .jsonl file, or hf:NAME."),
-    paragraphs: int = typer.Option(256, "--paragraphs", min=2, help="Held-out paragraphs to score fidelity on (the first N)."),
+    data: Optional[str] = typer.Option(None, "--data", help="Your own text (.txt or .jsonl file, or hf:NAME), scored as a domain of its own beside the bundled ones."),
+    paragraphs: int = typer.Option(128, "--paragraphs", min=2, help="Held-out paragraphs to score per text domain."),
     plot: Optional[str] = typer.Option(None, "--plot", help="Also write fidelity against latency, with the Pareto frontier, to this .png or .svg."),
     as_json: bool = JsonOpt,
 ):

@@ -8,17 +8,17 @@ from pathlib import Path
 
 
 from .arch import view
-from .data import load_paragraphs, training_text
+from .data import evaluation_sets, trained_domains, training_text
 from .distill import DistillConfig, distill, tokenize
 from .errors import CcliError
 from .hub import load
 from .inputs import build_inputs
 from .loaded import Loaded
 from .measure.components import additions_by_component, flops_by_component, weight_bytes
-from .measure.fidelity import compare, ffn_fidelity
+from .measure.fidelity import compare_domains, ffn_fidelity
 from .measure.flops import count_flops
 from .progress import Progress
-from .safety import check_blocks_exist, check_finite, check_out_arg, prepare_out, warn_if_exploded
+from .safety import check_blocks_exist, check_finite, check_out_arg, prepare_out, warn, warn_if_exploded
 from .variants import FAMILIES
 
 
@@ -45,7 +45,7 @@ def convert(
     resume: bool = False,
     overwrite: bool = False,
     evaluate_fidelity: bool = True,
-    heldout_paragraphs: int = 256,
+    heldout_paragraphs: int = 128,
     show_progress: bool = True,
     **distill_options,
 ) -> dict:
@@ -76,15 +76,14 @@ def convert(
     _check_plan_fits(plan, arch)
     prepare_out(out_path, overwrite=overwrite, base=teacher.source, expected_bytes=weight_bytes(teacher.model))
     train = training_text(plan["data"], cfg.short_spans, cfg.seed)
-    heldout = load_paragraphs(plan["data"], "heldout")[:heldout_paragraphs]
+    heldout = evaluation_sets(plan["data"], per_domain=heldout_paragraphs)
     batches = tokenize(teacher.tokenizer, train, cfg.max_length)
     progress = Progress(enabled=show_progress)
     student, units, reports = _run_steps(teacher, plan, batches, out_path, resume, progress)
     record = _measure(teacher, student, plan, reports)
     if evaluate_fidelity:
         progress.log("measuring fidelity on held-out text")
-        record["fidelity"] = compare(student, teacher.model, teacher.tokenizer, heldout, cfg.max_length)
-        record["fidelity"].update(ffn_fidelity(student, teacher.model, tokenize(teacher.tokenizer, heldout, cfg.max_length)))
+        record["fidelity"] = _fidelity(student, teacher, heldout, cfg.max_length)
     warn_if_exploded(record)
     check_finite(student, record.get("fidelity"))  # a diverged model is an error, never saved
     if out_path is not None:
@@ -162,6 +161,7 @@ def _save(teacher: Loaded, student, plan: dict, units: list, record: dict, out_p
         "units": [{"key": key, "spec": spec} for key, spec in units],  # in conversion order
         "distill": asdict(plan["distill"]),
         "data": plan["data"] or "bundled",
+        "trained_domains": trained_domains(plan["data"]),
         "fidelity": record.get("fidelity"),
     }
     saved = save_converted(student, teacher.tokenizer, out_path, manifest, overwrite=overwrite)
@@ -210,16 +210,30 @@ def _plan(model, to, params, recipe, data, distill_options) -> dict:
     return {"model": model if model is not None else base["model"], "data": data or base["data"], "convert": convert_steps, "distill": cfg}
 
 
-def evaluate(directory: str, *, data: str | None = None, heldout_paragraphs: int = 256) -> dict:
+def _fidelity(student, teacher, sets, max_length: int) -> dict:
+    """Per-domain fidelity (`compare_domains`) and each converted FFN's error on the held-out text of
+    the domains the conversion trained on."""
+    fidelity = compare_domains(student, teacher.model, teacher.tokenizer, sets, max_length)
+    seen = [p for s in sets if s.seen for p in s.paragraphs] or [p for s in sets for p in s.paragraphs]
+    fidelity.update(ffn_fidelity(student, teacher.model, tokenize(teacher.tokenizer, seen, max_length)))
+    return fidelity
+
+
+def evaluate(directory: str, *, data: str | None = None, heldout_paragraphs: int = 128) -> dict:
     """Fidelity of a converted model (a directory written by convert) to its base model."""
     student = load(directory)
     if student.manifest is None:
         raise CcliError(f"'{directory}' is not a converted ccli model (no ccli.json); eval compares a conversion with its base")
     teacher = load(student.manifest["base_source"])
-    heldout = load_paragraphs(data, "heldout")[:heldout_paragraphs]
+    trained_on = student.manifest.get("data")
+    # before the corpus had domains, 'bundled' was its prose and Python docstrings
+    seen = student.manifest.get("trained_domains", ["ccli-prose", "python-docs"] if trained_on == "bundled" else None)
+    if trained_on not in (None, "bundled") and not trained_on.startswith(("bundled:", "hf:")) and not Path(trained_on).expanduser().is_file():
+        warn(f"the conversion's training data '{trained_on}' is not here; it is not scored as a domain")
+        trained_on = None
+    heldout = evaluation_sets(trained_on, data, per_domain=heldout_paragraphs, seen_domains=seen)
     max_length = student.manifest.get("distill", {}).get("max_length", 128)
     record = {"model": directory, "base_model": student.manifest["base_model"], "data": data or "bundled",
               "convert": student.manifest.get("convert")}
-    record["fidelity"] = compare(student.model, teacher.model, teacher.tokenizer, heldout, max_length)
-    record["fidelity"].update(ffn_fidelity(student.model, teacher.model, tokenize(teacher.tokenizer, heldout, max_length)))
+    record["fidelity"] = _fidelity(student.model, teacher, heldout, max_length)
     return record

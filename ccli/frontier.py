@@ -19,12 +19,12 @@ import torch
 from . import baselines as baseline_models
 from .api import ModelRef, _as_loaded, _check_device, _refs, describe_conversion
 from .arch import view
-from .data import load_paragraphs
+from .data import evaluation_sets
 from .errors import CcliError
 from .hub import load
 from .inputs import build_inputs
 from .measure.components import weight_bytes
-from .measure.fidelity import compare as fidelity
+from .measure.fidelity import compare_domains
 from .measure.flops import count_flops
 from .measure.timing import time_call
 
@@ -33,7 +33,8 @@ BASELINES = ("dense", "int8-dynamic", "ffn-removed", "fp16", "bf16")
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # What the frontier ranks rows by: pooled-embedding cosine (higher is better) for embedding models,
 # next-token KL to the base model (lower is better) for models with an LM head.
-FRONTIER_MEASURE = {"embedding": "embedding_cosine", "lm": "kl"}
+# the worst domain's cosine: a row is only as good as the text it does worst on
+FRONTIER_MEASURE = {"embedding": "worst_domain_cosine", "lm": "kl"}
 
 
 def _cpu_flags() -> set[str]:
@@ -134,15 +135,17 @@ def compare_models(
     min_time: float = 0.5,
     rounds: int = 5,
     data: str | None = None,
-    heldout_paragraphs: int = 256,
+    heldout_paragraphs: int = 128,
     max_length: int = 128,
     progress=None,
 ) -> list[dict]:
     """One record per row: the base model (`dense`), each converted model given, and the baselines
     (`baselines=True`: every one that runs natively on `device`; or a list of names from BASELINES).
 
-    Each record holds the row's fidelity to the base model on the held-out split of `data` (the
-    first `heldout_paragraphs` paragraphs, up to `max_length` tokens each), its FLOPs per token and
+    Each record holds the row's fidelity to the base model on every bundled domain's held-out split
+    and on `data` as a domain of its own (at most `heldout_paragraphs` paragraphs a domain, up to
+    `max_length` tokens each; the bundled corpus's left-out domains count as unseen for every row),
+    its FLOPs per token and
     weight bytes, and for each sequence length in `seq` its latency at batch 1: `rounds` rounds, each
     timing every row at every length for `min_time` seconds in turn; the median over rounds is
     reported with the spread (IQR) of the rounds' medians, and the speedup against the dense row.
@@ -162,7 +165,7 @@ def compare_models(
     say = progress or (lambda message: None)
 
     base, converted = _parse_models(_refs(models))
-    paragraphs = load_paragraphs(data, "heldout")[:heldout_paragraphs]
+    sets = evaluation_sets(None, data, per_domain=heldout_paragraphs)
     rows = [{"row": "dense", "kind": "base", "model": base.name, "conversion": None, "module": base.model}]
     rows += [{"row": label, "kind": "converted", "model": m.source, "conversion": describe_conversion(m.manifest),
               "module": m.model} for label, m in converted]
@@ -174,7 +177,7 @@ def compare_models(
     for row in rows:
         say(f"fidelity and FLOPs: {row['row']}")
         model = row["module"]
-        row["fidelity"] = fidelity(model, base.model, base.tokenizer, paragraphs, max_length)
+        row["fidelity"] = compare_domains(model, base.model, base.tokenizer, sets, max_length)
         row["task"] = "lm" if "kl" in row["fidelity"] else "embedding"
         row["weight_bytes"] = weight_bytes(model)
         row["flops_per_token"] = {}
@@ -206,7 +209,7 @@ def compare_models(
                             "iqr_ms": round(q[2] - q[0], 3), "rounds": len(times), "speedup": round(dense / median, 3)})
         record = {k: v for k, v in row.items() if k not in ("module", "flops_per_token")}
         record.update({"base_model": base.name, "device": device, "threads": threads, "batch": 1,
-                       "heldout": {"data": data or "bundled", "paragraphs": row["fidelity"]["paragraphs"], "max_length": max_length},
+                       "heldout": {"data": data or "bundled", "paragraphs": sum(d["paragraphs"] for d in row["fidelity"]["domains"]), "max_length": max_length},
                        "frontier_measure": measure, "latency": latency})
         records.append(record)
     for k, s in enumerate(seqs):

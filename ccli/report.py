@@ -150,7 +150,8 @@ def generation_table(rows: list[dict]) -> Table:
 def fidelity_tables(record: dict) -> list[Table]:
     """Fidelity to the teacher on held-out text, and each converted layer's FFN error."""
     fid = record["fidelity"]
-    table = Table(title=f"fidelity to the original on held-out text ({fid['paragraphs']} paragraphs)")
+    where = "the held-out text of the domains it trained on" if "unseen" in fid else "held-out text"
+    table = Table(title=f"fidelity to the original on {where} ({fid['paragraphs']} paragraphs)")
     table.add_column("measure")
     table.add_column("value", justify="right")
     rows = [
@@ -191,7 +192,7 @@ def fidelity_tables(record: dict) -> list[Table]:
             t = train.get(int(index))
             cells += [f"{t['init_rel_error']:.4f}", f"{t['final_rel_error']:.4f}"] if t else ["", ""]
         layers.add_row(*cells)
-    tables = [table, layers]
+    tables = [table] + ([domain_table(fid)] if "domains" in fid else []) + [layers]
     linears = [r for r in record.get("layers", []) if r.get("target", "ffn") != "ffn"]
     if linears:
         trained = Table(title="converted linears: relative error on their training inputs")
@@ -245,6 +246,29 @@ def layer_table(rows: list[dict]) -> Table:
     return table
 
 
+def domain_table(fid: dict) -> Table:
+    """Fidelity per text domain, worst first: on the held-out split of each domain the conversion
+    trained on and of each it never saw."""
+    lm = "top1_agreement" in fid["domains"][0]
+    table = Table(title="fidelity per text domain, worst first",
+                  caption="trained: the conversion distilled on this domain's train split; unseen: it never saw the domain"
+                          + ("" if "unseen" not in fid else
+                             f". Unseen domains pooled: cosine {fid['unseen']['embedding_cosine']:.4f}, "
+                             f"retrieval agreement {fid['unseen']['retrieval_agreement']:.1%}"))
+    for name in ("domain", "training", "paragraphs", "pooled cosine mean", "worst", "6-word cosine", "retrieval agree"):
+        table.add_column(name, justify="left" if name in ("domain", "training") else "right")
+    if lm:
+        table.add_column("KL", justify="right")
+        table.add_column("top-1 agree", justify="right")
+    for d in fid["domains"]:
+        cells = [d["domain"], "trained" if d["seen"] else "unseen", str(d["paragraphs"]), f"{d['embedding_cosine']:.4f}",
+                 f"{d['embedding_cosine_min']:.4f}", f"{d['embedding_cosine_short']:.4f}", f"{d['retrieval_agreement']:.1%}"]
+        if lm:
+            cells += [f"{d['kl']:.4f}", f"{d['top1_agreement']:.1%}"]
+        table.add_row(*cells)
+    return table
+
+
 def render(console: Console, tables) -> None:
     for table in tables:
         console.print(table)
@@ -257,8 +281,10 @@ def _fidelity_columns(task: str) -> list[tuple[str, object]]:
         return [("perplexity", lambda f: f"{f['perplexity_student']:.2f}"),
                 ("KL", lambda f: f"{f['kl']:.4f}"),
                 ("top-1 agree", lambda f: f"{f['top1_agreement']:.1%}")]
-    return [("cosine mean", lambda f: f"{f['embedding_cosine']:.4f}"),
-            ("cosine worst", lambda f: f"{f['embedding_cosine_min']:.4f}"),
+    return [("worst domain", lambda f: f"{f['worst_domain_cosine']:.4f} {f['worst_domain']}"),
+            ("cosine trained domains", lambda f: f"{f['embedding_cosine']:.4f}"),
+            ("cosine unseen domains", lambda f: f"{f['unseen']['embedding_cosine']:.4f}" if "unseen" in f else "-"),
+            ("worst paragraph", lambda f: f"{f['embedding_cosine_min']:.4f}"),
             ("6-word cosine", lambda f: f"{f['embedding_cosine_short']:.4f}"),
             ("retrieval agree", lambda f: f"{f['retrieval_agreement']:.1%}")]
 
@@ -268,10 +294,12 @@ def compare_table(records: list[dict]) -> Table:
     first = records[0]
     seqs = [entry["seq"] for entry in first["latency"]]
     held = first["heldout"]
-    measure = "pooled cosine (mean)" if first["frontier_measure"] == "embedding_cosine" else "KL"
+    measure = "worst domain's pooled cosine" if first["frontier_measure"] == "worst_domain_cosine" else "KL"
     table = Table(
         title=f"ccli compare - {first['base_model']}, {first['device']}, batch 1, {first['threads']} thread(s)",
-        caption=f"fidelity against {first['base_model']} on {held['paragraphs']} held-out paragraphs ({held['data']}); "
+        caption=f"fidelity against {first['base_model']} on {held['paragraphs']} held-out paragraphs of "
+                f"{len(first['fidelity']['domains'])} text domains ({held['data']}); trained domains: the bundled "
+                f"corpus's training domains; unseen: its left-out domains; "
                 f"latency: median over {first['latency'][0]['rounds']} interleaved rounds; speedup against dense; "
                 f"* = on the {measure} / latency Pareto frontier at that length; FLOPs at seq {seqs[-1]}",
     )
@@ -340,7 +368,8 @@ def plot_frontier(records: list[dict], path: str) -> str:
         for x, y, r in zip(xs, ys, records):
             ax.annotate(r["row"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         ax.set_xlabel(f"latency at batch 1, seq {s} (ms, median)")
-        ax.set_ylabel("next-token KL to the base model (lower is better)" if lm else "pooled-embedding cosine (mean)")
+        ax.set_ylabel("next-token KL to the base model (lower is better)" if lm
+                      else "pooled-embedding cosine, worst text domain (mean)")
         if lm:
             ax.invert_yaxis()
         ax.set_title(f"seq {s}", fontsize=10)

@@ -13,12 +13,14 @@ from typer.testing import CliRunner
 import ccli
 from ccli.cli import app
 from ccli.conversion import convert
+from ccli.data import DOMAINS
 from ccli.errors import CcliError
 from ccli.frontier import BASELINES, pareto_front
 from ccli.report import compare_table
 
 FAST = dict(seq=[8], min_time=0.01, rounds=2, threads=1, heldout_paragraphs=12)
-EMBEDDING_COLUMNS = ("embedding_cosine", "embedding_cosine_min", "embedding_cosine_short", "retrieval_agreement")
+EMBEDDING_COLUMNS = ("embedding_cosine", "embedding_cosine_min", "embedding_cosine_short", "retrieval_agreement",
+                     "worst_domain_cosine")
 LM_COLUMNS = ("perplexity_student", "kl", "top1_agreement")
 runner = CliRunner()
 
@@ -46,7 +48,12 @@ def _cells(table) -> list[list[str]]:
 def test_embedding_rows_hold_every_column(bert_records, tiny_fff):
     assert [r["row"] for r in bert_records] == ["dense", tiny_fff, "int8-dynamic", "ffn-removed", "fp16", "bf16"]
     for r in bert_records:
-        assert r["task"] == "embedding" and r["frontier_measure"] == "embedding_cosine"
+        assert r["task"] == "embedding" and r["frontier_measure"] == "worst_domain_cosine"
+        domains = r["fidelity"]["domains"]
+        assert r["fidelity"]["worst_domain"] == domains[0]["domain"] and len(domains) == len(DOMAINS)
+        assert [d["embedding_cosine"] for d in domains] == sorted(d["embedding_cosine"] for d in domains)
+        assert r["fidelity"]["worst_domain_cosine"] == domains[0]["embedding_cosine"]
+        assert {d["domain"] for d in domains if not d["seen"]} == {d.name for d in DOMAINS if d.left_out}
         for key in EMBEDDING_COLUMNS:
             assert 0 <= r["fidelity"][key] <= 1.0
         assert r["weight_bytes"] > 0 and r["heldout"]["paragraphs"] >= 2
@@ -62,7 +69,8 @@ def test_embedding_rows_hold_every_column(bert_records, tiny_fff):
     cells = _cells(compare_table(bert_records))
     assert [row[0] for row in cells] == [r["row"] for r in bert_records]
     headers = [c.header for c in compare_table(bert_records).columns]
-    assert headers == ["row", "conversion", "cosine mean", "cosine worst", "6-word cosine", "retrieval agree",
+    assert headers == ["row", "conversion", "worst domain", "cosine trained domains", "cosine unseen domains",
+                       "worst paragraph", "6-word cosine", "retrieval agree",
                        "FLOPs/token", "weights", "ms @8", "x @8"]
     assert all(len(row) == len(headers) and all(row[2:]) for row in cells)
 

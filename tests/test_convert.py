@@ -12,9 +12,14 @@ import ccli
 from ccli import distill as distill_module
 from ccli.cli import app
 from ccli.conversion import convert
+from ccli.data import DOMAINS
 from ccli.errors import CcliError
 
 pytestmark = pytest.mark.slow
+
+
+def _domain(name):
+    return next((d for d in DOMAINS if d.name == name), None)
 # leaves of 96 neurons, 16 of them linear: the save / reload / profile / bench path of both neuron kinds
 BUDGET = dict(to="fff", params={"trees": 1, "depth": 2, "leaf_width": 96, "leaf_linear": 16}, tokens=2048, batch_tokens=512,
               heldout_paragraphs=48, show_progress=False)
@@ -60,9 +65,17 @@ def test_the_saved_directory_works_with_every_command(converted):
     assert result.exit_code == 0, result.output
     variants = [r["variant"] for r in json.loads(result.stdout)]
     assert variants[0] == "dense" and variants[1].startswith("fff") and "ffn-removed" in variants
-    result = runner.invoke(app, ["eval", str(out), "--json"])
+    notes = out.parent / "notes.txt"
+    notes.write_text("\n".join(f"Entry {i}: the river rose again overnight and the ferry to the island did not run." for i in range(300)))
+    result = runner.invoke(app, ["eval", str(out), "--data", str(notes), "--paragraphs", "8", "--json"])
     assert result.exit_code == 0, result.output
-    assert 0 < json.loads(result.stdout)[0]["fidelity"]["embedding_cosine"] <= 1
+    fidelity = json.loads(result.stdout)[0]["fidelity"]
+    assert 0 < fidelity["embedding_cosine"] <= 1
+    domains = {d["domain"]: d for d in fidelity["domains"]}
+    assert set(domains) == {d.name for d in DOMAINS} | {"notes.txt"}  # the user's file is a domain of its own
+    assert not domains["notes.txt"]["seen"] and all(d["paragraphs"] <= 8 for d in domains.values())
+    assert [d["seen"] for d in fidelity["domains"]] == [not getattr(_domain(n), "left_out", True) for n in domains]
+    assert fidelity["unseen"]["paragraphs"] == sum(d["paragraphs"] for d in domains.values() if not d["seen"])
 
 
 def test_existing_output_is_never_overwritten_silently(converted):

@@ -1,4 +1,5 @@
 import json
+from collections import Counter
 
 import pytest
 
@@ -13,6 +14,39 @@ def test_bundled_split_is_fixed_and_disjoint():
     assert not set(train) & set(heldout)
     assert all(is_heldout(p) for p in heldout)
     assert load_paragraphs("bundled", "heldout") == heldout  # same every time
+
+
+def test_each_domain_has_a_fixed_disjoint_split_and_left_out_domains_never_train():
+    from ccli.data import DOMAINS, trained_domains
+
+    assert sum(d.left_out for d in DOMAINS) >= 2 and len(DOMAINS) >= 8
+    seen: dict[str, str] = {}
+    for d in DOMAINS:
+        train, heldout = load_paragraphs(f"bundled:{d.name}", "train"), load_paragraphs(f"bundled:{d.name}", "heldout")
+        assert len(heldout) >= 30, d.name
+        assert not set(train) & set(heldout) and all(is_heldout(p, d.heldout_tenths) for p in heldout)
+        for p in train + heldout:  # no paragraph is in two domains
+            assert seen.setdefault(p, d.name) == d.name, (p, d.name, seen[p])
+    trained = set(load_paragraphs(None, "all"))
+    for d in DOMAINS:
+        assert (d.name in trained_domains(None)) != d.left_out
+        if d.left_out:
+            assert not trained & set(load_paragraphs(f"bundled:{d.name}", "all"))
+
+
+def test_evaluation_sets_name_the_domains_and_score_a_users_file_as_its_own(tmp_path):
+    from ccli.data import DOMAINS, evaluation_sets
+
+    own = tmp_path / "my-notes.txt"
+    own.write_text("\n".join(f"Note number {i} says the quick brown fox jumps over the lazy dog again." for i in range(400)))
+    sets = evaluation_sets(str(own), per_domain=16)
+    assert [s.name for s in sets] == [d.name for d in DOMAINS] + ["my-notes.txt"]
+    assert [s.seen for s in sets] == [False] * len(DOMAINS) + [True]  # trained on the file alone
+    assert all(0 < len(s.paragraphs) <= 16 for s in sets)
+    bundled = evaluation_sets(None, extra=str(own), per_domain=16)
+    assert [s.seen for s in bundled] == [not d.left_out for d in DOMAINS] + [False]
+    with pytest.raises(CcliError, match="unknown bundled domain 'nope'"):
+        load_paragraphs("bundled:nope")
 
 
 def test_text_and_jsonl_files(tmp_path):
@@ -100,16 +134,18 @@ def test_short_spans_are_cut_from_the_paragraphs():
     assert min(lengths) < 8 and max(lengths) > 32  # log-uniform: both short and long spans
 
 
-def test_training_text_is_a_seeded_shuffle_so_any_prefix_samples_every_source():
-    from ccli.data import _bundled, _paragraphs_from_text, training_text
+def test_training_text_deals_every_domain_into_every_stretch():
+    from ccli.data import trained_domains, training_text
 
-    prose = set(_paragraphs_from_text(_bundled("prose.txt")))
     text = training_text(None, 0.5, seed=0)
-    assert sorted(text) == sorted(with_short_spans(load_paragraphs(None, "train"), 0.5, seed=0))
-    assert text == training_text(None, 0.5, seed=0)
-    in_order = load_paragraphs(None, "train")
-    assert all(p in prose for p in in_order[:200])  # the corpus order starts with prose only
-    head, paragraphs = text[:200], set(in_order)
-    spans = [p for p in head if p not in paragraphs]
-    assert 0 < sum(p in prose for p in head) < len(head) - len(spans)  # prose and docstrings
-    assert spans  # and the short spans
+    assert text == training_text(None, 0.5, seed=0)  # seeded
+    names = trained_domains(None)
+    per_domain = {n: set(load_paragraphs(f"bundled:{n}", "train")) for n in names}
+    train = load_paragraphs(None, "train")
+    assert not Counter(train) - Counter(text)  # every training paragraph, plus spans of them
+    assert len(text) == len(train) + sum(round(0.5 * len(ps)) for ps in map(list, per_domain.values()))
+    head = text[: 4 * len(names)]
+    for n in names:  # every domain is in the first few turns
+        assert any(p in per_domain[n] for p in head), n
+    spans = [p for p in text[:400] if not any(p in ps for ps in per_domain.values())]
+    assert spans  # and the short spans are mixed in from the start

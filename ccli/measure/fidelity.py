@@ -13,10 +13,15 @@
 - for models with an LM head: KL(teacher || student) of next-token distributions, both
   perplexities, and next-token top-1 agreement (how often the student's most likely next token is
   the teacher's), over every real position of the queries.
+
+`compare_domains` scores each text domain's held-out paragraphs separately (a conversion can be good
+on the text it trained on and poor elsewhere), pools the domains it trained on and those it never
+saw, and names the worst.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 
 import torch
@@ -132,4 +137,57 @@ def compare(student: nn.Module, teacher: nn.Module, tokenizer, paragraphs: list[
         result["perplexity_student"] = round(float(torch.tensor(nll_s / lm_tokens).exp()), 4)
         result["top1_agreement"] = round(top1_same / lm_tokens, 5)
         result["lm_tokens"] = lm_tokens
+    return result
+
+
+def _weighted(results: list[dict], key: str, weight: str = "paragraphs") -> float:
+    total = sum(r[weight] for r in results)
+    return sum(r[key] * r[weight] for r in results) / total
+
+
+def pool(results: list[dict]) -> dict:
+    """Several domains' `compare` results as one: means weighted by paragraphs (LM measures by
+    tokens), worst cases the worst of all."""
+    pooled = {"paragraphs": sum(r["paragraphs"] for r in results)}
+    for key in ("hidden_cosine", "embedding_cosine", "embedding_cosine_short", "retrieval_agreement",
+                "retrieval_top1_teacher", "retrieval_top1_student"):
+        pooled[key] = round(_weighted(results, key), 5)
+    pooled["embedding_cosine_min"] = min(r["embedding_cosine_min"] for r in results)
+    if all("kl" in r for r in results):
+        pooled["lm_tokens"] = sum(r["lm_tokens"] for r in results)
+        pooled["kl"] = round(_weighted(results, "kl", "lm_tokens"), 6)
+        for key in ("perplexity_teacher", "perplexity_student"):  # exp of the token-weighted mean NLL
+            log_ppl = [{"v": math.log(r[key]), "lm_tokens": r["lm_tokens"]} for r in results]
+            pooled[key] = round(math.exp(_weighted(log_ppl, "v", "lm_tokens")), 4)
+        pooled["top1_agreement"] = round(_weighted(results, "top1_agreement", "lm_tokens"), 5)
+    return pooled
+
+
+def ranking_measure(result: dict) -> str:
+    """What orders domains worst first: next-token agreement for LMs, pooled cosine otherwise."""
+    return "top1_agreement" if "top1_agreement" in result else "embedding_cosine"
+
+
+def compare_domains(student: nn.Module, teacher: nn.Module, tokenizer, sets, max_length: int = 128) -> dict:
+    """`compare` on each of `sets` (ccli.data.EvalSet). The result's top-level measures pool the
+    domains the conversion trained on (all of them when it trained on none); `domains` lists every
+    domain worst first, `unseen` pools the domains it never trained on, `worst_domain` names the first."""
+    domains = []
+    for s in sets:
+        if len([p for p in s.paragraphs if len(p.split()) >= 8]) < 2:
+            continue  # too few long paragraphs to score (a small user file); never silently: see below
+        domains.append({"domain": s.name, "seen": s.seen, **compare(student, teacher, tokenizer, s.paragraphs, max_length)})
+    if not domains:
+        raise CcliError("fidelity needs at least two held-out paragraphs of 8 or more words")
+    measure = ranking_measure(domains[0])
+    domains.sort(key=lambda d: d[measure])
+    seen = [d for d in domains if d["seen"]] or domains
+    result = {**pool(seen), "domains": domains, "worst_domain": domains[0]["domain"],
+              "worst_domain_cosine": min(d["embedding_cosine"] for d in domains)}
+    unseen = [d for d in domains if not d["seen"]]
+    if unseen and unseen != domains:
+        result["unseen"] = pool(unseen)
+    skipped = [s.name for s in sets if s.name not in {d["domain"] for d in domains}]
+    if skipped:
+        result["unscored_domains"] = skipped
     return result
