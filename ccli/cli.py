@@ -204,6 +204,8 @@ def _convert_signature() -> inspect.Signature:
         option("tokens", Optional[int], "--tokens", help="Calibration tokens per layer."),
         option("short_spans", Optional[float], "--short-spans",
                help="Add this fraction of short random spans (4-64 words) to the training text (default 0)."),
+        option("anchor", Optional[float], "--anchor",
+               help="Pull converted weights toward their initialisation from the dense layer, with this strength (default 0)."),
         option("e2e_target", Optional[str], "--e2e-target",
                help="End-to-end loss on the final hidden states (last, default) or on every block's output (all)."),
         option("data", Optional[str], "--data", help="Training text: bundled (its training domains), bundled:NAME[,NAME], a .txt or .jsonl file, or hf:NAME; scored per domain."),

@@ -60,6 +60,7 @@ class DistillConfig:
     e2e_batch: int = 16  # sequences per end-to-end step
     short_spans: float = 0.0  # add this fraction of short random spans to the training text (data.with_short_spans)
     e2e_target: str = "last"  # end-to-end loss on the final hidden states ("last") or every block's output ("all")
+    anchor: float = 0.0  # pull each converted module's weights toward their initialisation (`anchor_penalty`)
     layers: list[int] | None = None  # which blocks to convert (None: all)
 
     def validate(self) -> None:
@@ -71,6 +72,8 @@ class DistillConfig:
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or not 0 < value < 1:
                 raise CcliError(f"{option_name(key)} must be between 0 and 1 (got {value!r})")
+        if not isinstance(self.anchor, (int, float)) or isinstance(self.anchor, bool) or not 0 <= self.anchor <= 100:
+            raise CcliError(f"--anchor must be a number from 0 to 100 (got {self.anchor!r})")
         if not isinstance(self.short_spans, (int, float)) or isinstance(self.short_spans, bool) or not 0 <= self.short_spans <= 4:
             raise CcliError(f"--short-spans must be a number from 0 to 4 (got {self.short_spans!r})")
         if self.e2e_target not in E2E_TARGETS:
@@ -121,7 +124,7 @@ def fit_layer(layer: nn.Module, x, y: torch.Tensor, cfg: DistillConfig, seed: in
     before = _eval_error(layer, x, y)
     for step in range(cfg.steps):
         idx = x.draw(generator, cfg.batch_tokens)
-        loss = relative_error(x.run(layer, idx), x.targets(y, idx)) + auxiliary_loss([layer])
+        loss = relative_error(x.run(layer, idx), x.targets(y, idx)) + auxiliary_loss([layer]) + anchor_penalty([layer], cfg.anchor)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -143,6 +146,36 @@ def auxiliary_loss(modules) -> torch.Tensor | float:
             if aux is not None:
                 total = total + aux
     return total
+
+
+ANCHOR = "_ccli_anchor"  # attribute holding a module's initial weights ({name: tensor}); not in its state_dict
+
+
+def set_anchor(module: nn.Module, weights: dict[str, torch.Tensor] | None = None) -> None:
+    """Remember `module`'s trainable weights as they are now (or `weights`) for `anchor_penalty`."""
+    if weights is None:
+        weights = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+    object.__setattr__(module, ANCHOR, weights)
+
+
+def anchor_penalty(modules, strength: float) -> torch.Tensor | float:
+    """strength × the mean, over the modules' anchored weight tensors, of ||w - w0||² / ||w0||²: how far
+    training has moved each tensor from its initialisation, relative to its size.
+
+    A converted module starts from the dense layer's own weights (FFF leaves and MoE experts are its
+    neurons; a ternary linear is its quantised weight). Distillation on a narrow corpus moves them to
+    fit that corpus, and the dense weights are what worked on all text: the pull keeps the student
+    near them where the training text says little."""
+    if not strength:
+        return 0.0
+    terms = []
+    for module in modules:
+        anchor = getattr(module, ANCHOR, None) or {}
+        for name, p in module.named_parameters():
+            w0 = anchor.get(name)
+            if w0 is not None and p.requires_grad and w0.shape == p.shape:
+                terms.append((p - w0).pow(2).sum() / w0.pow(2).sum().clamp_min(1e-12))
+    return strength * torch.stack(terms).mean() if terms else 0.0
 
 
 def _eval_error(layer: nn.Module, x, y: torch.Tensor) -> float:
@@ -203,6 +236,8 @@ def distill(
                 if state and unit.key in state["modules"]:
                     module = type(variant).restore(view(student), unit.key, state["specs"][unit.key])
                     module.load_state_dict(state["modules"][unit.key])
+                    if unit.key in state.get("anchors", {}):
+                        set_anchor(module, state["anchors"][unit.key])
                     module.eval()
                     specs[unit.key] = state["specs"][unit.key]
                     report.layers.append(LayerReport(**state["reports"][unit.key]))
@@ -214,6 +249,8 @@ def distill(
                     y = x.run(unit.teacher)
                 seed = cfg.seed + 1000 * block + n
                 module = unit.build(x.data, seed)
+                if cfg.anchor:
+                    set_anchor(module)
                 task = progress.task(unit.label, cfg.steps)
                 before, after = fit_layer(module, x, y, cfg, seed=seed,
                                           on_step=lambda s, loss: progress.update(task, info=f"rel. error {loss:.4f}"))
@@ -227,6 +264,8 @@ def distill(
                 if checkpoint is not None:
                     state["modules"][unit.key] = module.state_dict()
                     state["specs"][unit.key] = unit.spec
+                    if cfg.anchor:
+                        state.setdefault("anchors", {})[unit.key] = getattr(module, ANCHOR)
                     state["reports"][unit.key] = vars(unit_report).copy()  # plain data: checkpoints load weights_only
                     _atomic_save(state, checkpoint)
         if cfg.e2e_steps:
@@ -342,7 +381,7 @@ def end_to_end(student: nn.Module, teacher: nn.Module, batches: list[dict], cfg:
         with torch.no_grad():
             target = compared_states(teacher(**kwargs, output_hidden_states=True), mask, cfg.e2e_target)
         loss = hidden_state_error(compared_states(student(**kwargs, output_hidden_states=True), mask, cfg.e2e_target), target)
-        aux = auxiliary_loss(layers)
+        aux = auxiliary_loss(layers) + anchor_penalty(layers, cfg.anchor)
         optimizer.zero_grad(set_to_none=True)
         (loss + aux).backward()
         optimizer.step()

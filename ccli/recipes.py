@@ -98,7 +98,7 @@ def load_recipe(path: str | Path) -> dict:
     for key, value in distill.items():
         if key not in known:
             raise CcliError(f"{where}: unknown key 'distill.{key}' (allowed: {', '.join(known)})")
-        expected = {"lr": float, "e2e_lr": float, "short_spans": float, "layers": list, "e2e_target": str}.get(key, int)
+        expected = {"lr": float, "e2e_lr": float, "short_spans": float, "anchor": float, "layers": list, "e2e_target": str}.get(key, int)
         if expected is float and isinstance(value, str):
             try:
                 value = float(value)  # YAML 1.1 reads 1e-3 as a string

@@ -87,3 +87,46 @@ def test_a_modules_auxiliary_loss_is_trained_layer_wise():
     fit_layer(layer, x, x.clone(), DistillConfig(steps=200, batch_tokens=64, lr=0.05), seed=0)
     assert abs(layer.side.item() - 3.0) < 0.1
     assert auxiliary_loss([layer]) == 0.0  # read once, then forgotten
+
+
+def test_anchor_penalty_is_the_relative_distance_from_the_initial_weights():
+    from torch import nn
+
+    from ccli.distill import anchor_penalty, set_anchor
+
+    layer = nn.Linear(4, 3)
+    set_anchor(layer)
+    assert anchor_penalty([layer], 2.0).item() == 0.0
+    with torch.no_grad():
+        layer.weight.mul_(1.5)  # ||0.5 w||² / ||w||² = 0.25; the bias has not moved
+    assert anchor_penalty([layer], 2.0).item() == pytest.approx(2.0 * (0.25 + 0.0) / 2)
+    assert anchor_penalty([layer], 0.0) == 0.0 and anchor_penalty([nn.Linear(4, 3)], 1.0) == 0.0  # off, or no anchor
+
+
+def test_anchor_keeps_training_closer_to_the_initialisation():
+    """The same layer-wise and end-to-end run with and without --anchor: the anchored weights end nearer
+    where they started (the dense layer's, quantised), and the pull is part of the saved checkpoint."""
+    from ccli.distill import ANCHOR
+    from ccli.variants.module import converted_modules
+
+    teacher = tiny("bert")
+    g = torch.Generator().manual_seed(1)
+    batches = [{"input_ids": torch.randint(3, 100, (4, 12), generator=g),
+                "attention_mask": torch.ones(4, 12, dtype=torch.long)} for _ in range(4)]
+    moved = {}
+    for anchor in (0.0, 50.0):
+        cfg = DistillConfig(steps=30, tokens=64, batch_tokens=32, e2e_steps=20, e2e_batch=4, e2e_lr=3e-3, lr=3e-3, anchor=anchor)
+        student = copy.deepcopy(teacher)
+        distill(student, teacher, TernaryVariant(targets="ffn"), batches, cfg, finalize=False)
+        if anchor:
+            modules = converted_modules(student)
+            assert modules and all(getattr(m, ANCHOR, None) for m in modules)
+            moved[anchor] = sum(float((p - getattr(m, ANCHOR)[n]).norm()) for m in modules
+                                for n, p in m.named_parameters() if n in getattr(m, ANCHOR))
+        else:
+            reference = student
+    anchored_names = {n for m in converted_modules(student) for n in getattr(m, ANCHOR)}
+    free = sum(float((p - getattr(m_a, ANCHOR)[n]).norm())
+               for m_a, m_f in zip(converted_modules(student), converted_modules(reference))
+               for n, p in m_f.named_parameters() if n in anchored_names)
+    assert moved[50.0] < 0.5 * free
