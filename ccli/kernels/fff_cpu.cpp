@@ -41,19 +41,13 @@
 #include <string_view>
 #include <vector>
 
+#include "ccli_cpu.h"
 #include "ccli_op.h"
 
 namespace {
 
-enum class Act { Gelu, GeluTanh, Relu, Silu };
+using namespace ccli_cpu;
 
-Act parse_act(std::string_view name) {
-  if (name == "gelu") return Act::Gelu;
-  if (name == "gelu_tanh") return Act::GeluTanh;
-  if (name == "relu") return Act::Relu;
-  if (name == "silu") return Act::Silu;
-  TORCH_CHECK_VALUE(false, "fff: unknown activation '", std::string(name), "' (gelu, gelu_tanh, relu, silu)");
-}
 
 template <Act A>
 inline float act(float z) {
@@ -71,18 +65,6 @@ inline float act(float z) {
 
 // ---- vector primitives (plain loops for the vectoriser) -------------------------------------------
 
-inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
-  float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
-  return acc;
-}
-
-inline void axpy(float* __restrict y, float a, const float* __restrict w, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] += a * w[i];
-}
-
 // One x against four rows (the leaf rows of one token).
 inline void dot_rows4(const float* __restrict x, const float* __restrict w0, const float* __restrict w1,
                       const float* __restrict w2, const float* __restrict w3, int64_t n, float* out) {
@@ -96,14 +78,6 @@ inline void dot_rows4(const float* __restrict x, const float* __restrict w0, con
     a3 += xi * w3[i];
   }
   out[0] = a0, out[1] = a1, out[2] = a2, out[3] = a3;
-}
-
-inline void axpy_rows4(float* __restrict y, const float* a, const float* __restrict w0,
-                       const float* __restrict w1, const float* __restrict w2,
-                       const float* __restrict w3, int64_t n) {
-  const float a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] += a0 * w0[i] + a1 * w1[i] + a2 * w2[i] + a3 * w3[i];
 }
 
 // Four tokens, each with its own row: four independent memory streams in flight (routing).
@@ -166,16 +140,6 @@ inline void dot_tokens4_rows2(const float* const* x, const float* __restrict w0,
   out[4] = a20, out[5] = a21, out[6] = a30, out[7] = a31;
 }
 
-#if defined(__GNUC__) || defined(__clang__)
-#define CCLI_VECTOR_EXT 1
-typedef float v8f __attribute__((vector_size(32)));
-inline v8f loadu8(const float* p) {
-  v8f v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline void storeu8(float* p, v8f v) { std::memcpy(p, &v, sizeof v); }
-#endif
 
 // Ask for n floats from p to be brought into cache (one request per 64-byte line). Routing reads one
 // row per level whose address depends on the previous level's result; inside a model, with other
@@ -354,34 +318,7 @@ void leaf_tokens4(const Problem& p, const int32_t* tok, int64_t row0, float* __r
   for (int t = 0; t < 4; ++t) {
     for (int64_t q = 0; q < W; ++q) z[t * W + q] = leaf_act<A>(p, z[t * W + q] + p.b_in[row0 + q], q);
   }
-  // y_t += sum_r z[t, r] * w_out[row0 + r]: 4 tokens x 16 columns accumulated in registers.
-  int64_t i0 = 0;
-#ifdef CCLI_VECTOR_EXT
-  for (; i0 + 16 <= H; i0 += 16) {
-    v8f acc[4][2];
-    for (int t = 0; t < 4; ++t) acc[t][0] = acc[t][1] = v8f{};
-    const float* wo = p.w_out + row0 * H + i0;
-    for (int64_t q = 0; q < W; ++q, wo += H) {
-      const v8f u = loadu8(wo), v = loadu8(wo + 8);
-      for (int t = 0; t < 4; ++t) {
-        const float s = z[t * W + q];
-        acc[t][0] += s * u;
-        acc[t][1] += s * v;
-      }
-    }
-    for (int t = 0; t < 4; ++t) {
-      storeu8(ys[t] + i0, loadu8(ys[t] + i0) + acc[t][0]);
-      storeu8(ys[t] + i0 + 8, loadu8(ys[t] + i0 + 8) + acc[t][1]);
-    }
-  }
-#endif
-  if (i0 < H) {
-    const int64_t rest = H - i0;
-    for (int64_t q = 0; q < W; ++q) {
-      const float* wo = p.w_out + (row0 + q) * H + i0;
-      for (int t = 0; t < 4; ++t) axpy(ys[t] + i0, z[t * W + q], wo, rest);
-    }
-  }
+  add_rows_tokens4(ys, z, W, p.w_out + row0 * H, H);
 }
 
 
@@ -541,7 +478,7 @@ at::Tensor fff_forward_impl(const at::Tensor& x_, const at::Tensor& w_in_, const
                             const at::Tensor& w_out_, int64_t trees, int64_t depth,
                             int64_t leaf_width, std::string_view activation,
                             const std::optional<at::Tensor>& b_out_, int64_t leaf_linear) {
-  const Act a = parse_act(activation);
+  const Act a = parse_act(activation, "fff");
   TORCH_CHECK_VALUE(x_.dim() == 2, "fff: x must be 2-D (N, H), got ", x_.sizes());
   TORCH_CHECK_VALUE(trees >= 1 && depth >= 0 && depth <= 30 && leaf_width >= 1,
                     "fff: need trees >= 1, 0 <= depth <= 30, leaf_width >= 1");

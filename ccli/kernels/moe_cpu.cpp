@@ -37,19 +37,13 @@
 #include <string_view>
 #include <vector>
 
+#include "ccli_cpu.h"
 #include "ccli_op.h"
 
 namespace {
 
-enum class Act { Gelu, GeluTanh, Relu, Silu };
+using namespace ccli_cpu;
 
-Act parse_act(std::string_view name) {
-  if (name == "gelu") return Act::Gelu;
-  if (name == "gelu_tanh") return Act::GeluTanh;
-  if (name == "relu") return Act::Relu;
-  if (name == "silu") return Act::Silu;
-  TORCH_CHECK_VALUE(false, "moe: unknown activation '", std::string(name), "' (gelu, gelu_tanh, relu, silu)");
-}
 
 // Activations over arrays, written for the vectoriser: exp by range reduction and a polynomial
 // (Cephes expf, ~1e-7 relative), erf by Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7). A scalar
@@ -115,29 +109,6 @@ inline void neurons(float* __restrict z, const float* __restrict b, const float*
 
 // ---- vector primitives (plain loops for the vectoriser) -------------------------------------------
 
-inline void axpy(float* __restrict y, float a, const float* __restrict w, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] += a * w[i];
-}
-
-inline void axpy_rows4(float* __restrict y, const float* a, const float* __restrict w0,
-                       const float* __restrict w1, const float* __restrict w2,
-                       const float* __restrict w3, int64_t n) {
-  const float a0 = a[0], a1 = a[1], a2 = a[2], a3 = a[3];
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) y[i] += a0 * w0[i] + a1 * w1[i] + a2 * w2[i] + a3 * w3[i];
-}
-
-#if defined(__GNUC__) || defined(__clang__)
-#define CCLI_VECTOR_EXT 1
-typedef float v8f __attribute__((vector_size(32)));
-inline v8f loadu8(const float* p) {
-  v8f v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline void storeu8(float* p, v8f v) { std::memcpy(p, &v, sizeof v); }
-#endif
 
 // ---- the problem -------------------------------------------------------------------------------------
 
@@ -218,34 +189,7 @@ void expert_tokens4(const Problem& p, int64_t e, int64_t i, float* out, float* _
   if (p.w_gate != nullptr) inputs_tokens4(xs, p.w_gate + e * H * W, H, W, zg);
   const float* bias = p.b_in != nullptr ? p.b_in + row0 : nullptr;
   for (int t = 0; t < 4; ++t) neurons<A>(z + t * W, bias, p.w_gate != nullptr ? zg + t * W : nullptr, g[t], W);
-  // y_t += sum_q z[t, q] * w_out[row0 + q]: 4 tokens x 16 columns accumulated in registers.
-  int64_t i0 = 0;
-#ifdef CCLI_VECTOR_EXT
-  for (; i0 + 16 <= H; i0 += 16) {
-    v8f acc[4][2];
-    for (int t = 0; t < 4; ++t) acc[t][0] = acc[t][1] = v8f{};
-    const float* wo = p.w_out + row0 * H + i0;
-    for (int64_t q = 0; q < W; ++q, wo += H) {
-      const v8f u = loadu8(wo), v = loadu8(wo + 8);
-      for (int t = 0; t < 4; ++t) {
-        const float s = z[t * W + q];
-        acc[t][0] += s * u;
-        acc[t][1] += s * v;
-      }
-    }
-    for (int t = 0; t < 4; ++t) {
-      storeu8(ys[t] + i0, loadu8(ys[t] + i0) + acc[t][0]);
-      storeu8(ys[t] + i0 + 8, loadu8(ys[t] + i0 + 8) + acc[t][1]);
-    }
-  }
-#endif
-  if (i0 < H) {
-    const int64_t rest = H - i0;
-    for (int64_t q = 0; q < W; ++q) {
-      const float* wo = p.w_out + (row0 + q) * H + i0;
-      for (int t = 0; t < 4; ++t) axpy(ys[t] + i0, z[t * W + q], wo, rest);
-    }
-  }
+  add_rows_tokens4(ys, z, W, p.w_out + row0 * H, H);
 }
 
 // Expert e on one token (pair i), adding into its row of `out`. scratch: 2*W floats.
@@ -365,7 +309,7 @@ at::Tensor moe_forward_impl(const at::Tensor& x_, const at::Tensor& tokens_, con
                             const at::Tensor& w_in_, const std::optional<at::Tensor>& b_in_, const at::Tensor& w_out_,
                             std::string_view activation, const std::optional<at::Tensor>& w_gate_,
                             const std::optional<at::Tensor>& gates_, const std::optional<at::Tensor>& b_out_) {
-  const Act a = parse_act(activation);
+  const Act a = parse_act(activation, "moe");
   TORCH_CHECK_VALUE(x_.dim() == 2, "moe: x must be 2-D (N, H), got ", x_.sizes());
   TORCH_CHECK_VALUE(offsets_.dim() == 1 && offsets_.size(0) >= 2, "moe: offsets must be (E+1,) with E >= 1 experts, got ",
                     offsets_.sizes());

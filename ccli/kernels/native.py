@@ -198,7 +198,7 @@ class NativeExtension:
         """Compile (or load from torch's extension cache) and return the extension module."""
         from torch.utils.cpp_extension import load as load_extension
 
-        for path in (self.source, self.source.with_name("ccli_op.h")):
+        for path in (self.source, self.source.with_name("ccli_op.h"), self.source.with_name("ccli_cpu.h")):
             if not path.is_file():
                 raise FileNotFoundError(f"{path} is missing (is the package data installed?)")
         name = self.extension_name()
