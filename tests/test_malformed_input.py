@@ -184,12 +184,12 @@ def test_eval_json_is_valid_json(work, tmp_path, monkeypatch):
     """eval --json on a model whose fidelity measure gives NaN prints null, not NaN."""
     import ccli.conversion
 
-    original = ccli.conversion.compare
+    original = ccli.conversion.compare_domains
 
     def with_nan(*args, **kwargs):
         return {**original(*args, **kwargs), "embedding_cosine_min": float("nan")}
 
-    monkeypatch.setattr(ccli.conversion, "compare", with_nan)
+    monkeypatch.setattr(ccli.conversion, "compare_domains", with_nan)
     result = run("eval", work["converted"], "--data", work["text"], "--json")
     assert result.exit_code == 0, result.output
     (record,) = json.loads(result.stdout, parse_constant=lambda token: pytest.fail(f"not JSON: {token}"))
