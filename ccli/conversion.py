@@ -12,7 +12,7 @@ from .data import evaluation_sets, trained_domains, training_text
 from .distill import DistillConfig, distill, tokenize
 from .errors import CcliError
 from .hub import load
-from .inputs import build_inputs
+from .inputs import build_inputs, max_positions
 from .loaded import Loaded
 from .measure.components import additions_by_component, flops_by_component, weight_bytes
 from .measure.fidelity import compare_domains, ffn_fidelity
@@ -72,7 +72,7 @@ def convert(
     if teacher.manifest is not None:
         raise CcliError(f"'{plan['model']}' is already a converted ccli model; convert its base model instead")
     arch = view(teacher.model)  # fails early on unsupported model families
-    cfg = plan["distill"]
+    cfg = plan["distill"] = _fit_max_length(plan["distill"], teacher.model)
     _check_plan_fits(plan, arch)
     prepare_out(out_path, overwrite=overwrite, base=teacher.source, expected_bytes=weight_bytes(teacher.model))
     train = training_text(plan["data"], cfg.short_spans, cfg.seed)
@@ -89,6 +89,17 @@ def convert(
     if out_path is not None:
         record["out"] = str(_save(teacher, student, plan, units, record, out_path, overwrite))
     return record
+
+
+def _fit_max_length(cfg: DistillConfig, model) -> DistillConfig:
+    """`cfg` with max_length at most the model's positions (GPT-2's n_positions, most others'
+    max_position_embeddings; RoBERTa's less its reserved ones): longer sequences would index past its
+    position embeddings."""
+    positions = max_positions(model.config)
+    if isinstance(positions, int) and 0 < positions < cfg.max_length:
+        warn(f"max_length {cfg.max_length} is more than the model's {positions} positions; using {positions}")
+        return replace(cfg, max_length=positions)
+    return cfg
 
 
 def _check_plan_fits(plan: dict, arch) -> None:
@@ -139,8 +150,8 @@ def _measure(teacher: Loaded, student, plan: dict, reports: list) -> dict:
         "e2e_loss_last": reports[-1].e2e_losses[-1] if reports[-1].e2e_losses else None,
         "e2e_kept": reports[-1].e2e_kept,
         "seconds": round(sum(r.seconds for r in reports), 1),
-        "ffn_flops_per_token_dense": _ffn_flops_per_token(teacher),
-        "ffn_flops_per_token": _ffn_flops_per_token(student_loaded),
+        "ffn_flops_per_token_dense": _ffn_flops_per_token(teacher, min(128, plan["distill"].max_length)),
+        "ffn_flops_per_token": _ffn_flops_per_token(student_loaded, min(128, plan["distill"].max_length)),
     }
     record["ffn_flops_reduction"] = round(record["ffn_flops_per_token_dense"] / max(record["ffn_flops_per_token"], 1), 2)
     record["weight_bytes_dense"] = weight_bytes(teacher.model)

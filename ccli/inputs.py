@@ -22,9 +22,9 @@ def build_inputs(loaded, *, batch: int = 1, seq: int | None = 128, text: str | N
     if seq is not None and seq < 1:
         raise CcliError(f"--seq must be at least 1 (got {seq})")
     model = loaded.model
-    max_positions = _max_positions(model.config)
-    if seq is not None and max_positions and seq > max_positions:
-        raise CcliError(f"--seq {seq} is longer than the model's {max_positions} positions")
+    positions = max_positions(model.config)
+    if seq is not None and positions and seq > positions:
+        raise CcliError(f"--seq {seq} is longer than the model's {positions} positions")
     tokenizer = loaded.tokenizer
     if tokenizer is None:
         if text is not None:
@@ -42,13 +42,13 @@ def build_inputs(loaded, *, batch: int = 1, seq: int | None = 128, text: str | N
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     kwargs = {"truncation": True, "max_length": seq, "padding": "max_length"} if seq else {"truncation": True}
-    if seq is None and max_positions:
-        kwargs["max_length"] = max_positions
+    if seq is None and positions:
+        kwargs["max_length"] = positions
     encoded = tokenizer([text] * batch, return_tensors="pt", **kwargs)
     return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
 
 
-def _max_positions(config) -> int | None:
+def max_positions(config) -> int | None:
     for key in ("max_position_embeddings", "n_positions"):
         value = getattr(config, key, None)
         if value:

@@ -226,3 +226,14 @@ def test_real_smollm2_loads_from_its_cache_profiles_and_generates():
     cached = greedy_generate(loaded.model, prompt, 3)
     assert torch.equal(cached, stepwise_generate(loaded.model, prompt, 3))
     assert "Paris" in loaded.tokenizer.decode(cached[0, prompt.shape[1]:])
+
+
+def test_training_sequences_are_capped_at_the_models_positions(tmp_path):
+    """A GPT-2 with fewer positions than the default max_length (128) converts with its own limit and
+    says so, instead of indexing past its position embeddings."""
+    short = GPT2LMHeadModel(GPT2Config(n_embd=32, n_inner=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=48,
+                                       bos_token_id=101, eos_token_id=102, pad_token_id=0)).eval()
+    path = _save(short, tmp_path / "short-gpt2")
+    with pytest.warns(UserWarning, match="max_length 128 is more than the model's 48 positions; using 48"):
+        record = convert(path, to="ternary", steps=2, tokens=128, batch_tokens=64, evaluate_fidelity=False, show_progress=False)
+    assert record["distill"]["max_length"] == 48
