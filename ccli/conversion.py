@@ -8,11 +8,11 @@ from pathlib import Path
 
 
 from .arch import view
-from .data import evaluation_sets, trained_domains, training_text
+from .data import TWO_FILE_CORPUS, evaluation_sets, is_bundled, trained_domains, training_text
 from .distill import DistillConfig, distill, tokenize
 from .errors import CcliError
 from .hub import load
-from .inputs import build_inputs, max_positions
+from .inputs import build_inputs, fit_length
 from .loaded import Loaded
 from .measure.components import additions_by_component, flops_by_component, weight_bytes
 from .measure.fidelity import compare_domains, ffn_fidelity
@@ -92,14 +92,12 @@ def convert(
 
 
 def _fit_max_length(cfg: DistillConfig, model) -> DistillConfig:
-    """`cfg` with max_length at most the model's positions (GPT-2's n_positions, most others'
-    max_position_embeddings; RoBERTa's less its reserved ones): longer sequences would index past its
-    position embeddings."""
-    positions = max_positions(model.config)
-    if isinstance(positions, int) and 0 < positions < cfg.max_length:
-        warn(f"max_length {cfg.max_length} is more than the model's {positions} positions; using {positions}")
-        return replace(cfg, max_length=positions)
-    return cfg
+    """`cfg` with max_length at most the model's positions (`fit_length`), saying so when it cuts."""
+    length = fit_length(model.config, cfg.max_length)
+    if length == cfg.max_length:
+        return cfg
+    warn(f"max_length {cfg.max_length} is more than the model's {length} positions; using {length}")
+    return replace(cfg, max_length=length)
 
 
 def _check_plan_fits(plan: dict, arch) -> None:
@@ -139,6 +137,7 @@ def _run_steps(teacher: Loaded, plan: dict, batches: list[dict], out_path: Path 
 def _measure(teacher: Loaded, student, plan: dict, reports: list) -> dict:
     """What the conversion did: training errors, FFN FLOPs and weights before and after."""
     student_loaded = Loaded(student, teacher.tokenizer, f"{teacher.name} ({_describe(plan['convert'])})", "converted")
+    seq = min(128, plan["distill"].max_length)  # FLOPs per token at the usual length, within the model's positions
     record = {
         "model": teacher.name,
         "source": teacher.source,
@@ -150,8 +149,8 @@ def _measure(teacher: Loaded, student, plan: dict, reports: list) -> dict:
         "e2e_loss_last": reports[-1].e2e_losses[-1] if reports[-1].e2e_losses else None,
         "e2e_kept": reports[-1].e2e_kept,
         "seconds": round(sum(r.seconds for r in reports), 1),
-        "ffn_flops_per_token_dense": _ffn_flops_per_token(teacher, min(128, plan["distill"].max_length)),
-        "ffn_flops_per_token": _ffn_flops_per_token(student_loaded, min(128, plan["distill"].max_length)),
+        "ffn_flops_per_token_dense": _ffn_flops_per_token(teacher, seq),
+        "ffn_flops_per_token": _ffn_flops_per_token(student_loaded, seq),
     }
     record["ffn_flops_reduction"] = round(record["ffn_flops_per_token_dense"] / max(record["ffn_flops_per_token"], 1), 2)
     record["weight_bytes_dense"] = weight_bytes(teacher.model)
@@ -237,9 +236,8 @@ def evaluate(directory: str, *, data: str | None = None, heldout_paragraphs: int
         raise CcliError(f"'{directory}' is not a converted ccli model (no ccli.json); eval compares a conversion with its base")
     teacher = load(student.manifest["base_source"])
     trained_on = student.manifest.get("data")
-    # before the corpus had domains, 'bundled' was its prose and Python docstrings
-    seen = student.manifest.get("trained_domains", ["ccli-prose", "python-docs"] if trained_on == "bundled" else None)
-    if trained_on not in (None, "bundled") and not trained_on.startswith(("bundled:", "hf:")) and not Path(trained_on).expanduser().is_file():
+    seen = student.manifest.get("trained_domains", list(TWO_FILE_CORPUS) if trained_on == "bundled" else None)
+    if not is_bundled(trained_on) and not trained_on.startswith("hf:") and not Path(trained_on).expanduser().is_file():
         warn(f"the conversion's training data '{trained_on}' is not here; it is not scored as a domain")
         trained_on = None
     heldout = evaluation_sets(trained_on, data, per_domain=heldout_paragraphs, seen_domains=seen)

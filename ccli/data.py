@@ -50,6 +50,15 @@ DOMAINS = (
 SPLITS = ("train", "heldout", "all")
 
 
+# what 'bundled' trained on before the corpus had domains (a manifest without trained_domains)
+TWO_FILE_CORPUS = ("ccli-prose", "python-docs")
+
+
+def is_bundled(source: str | None) -> bool:
+    """Whether `source` names ccli's bundled corpus: None, 'bundled' or 'bundled:NAME[,NAME]'."""
+    return source in (None, "bundled") or source.startswith("bundled:")
+
+
 def domain(name: str) -> Domain:
     for d in DOMAINS:
         if d.name == name:
@@ -76,14 +85,14 @@ def _domain_paragraphs(name: str) -> tuple[str, ...]:
 def trained_domains(source: str | None) -> list[str]:
     """The bundled domains whose train split `source` trains on: every domain not left out for
     None or 'bundled', the named ones for 'bundled:NAME[,NAME]', none for any other source."""
+    if not is_bundled(source):
+        return []
     if source in (None, "bundled"):
         return [d.name for d in DOMAINS if not d.left_out]
-    if source.startswith("bundled:"):
-        names = [n.strip() for n in source[len("bundled:"):].split(",") if n.strip()]
-        if not names:
-            raise CcliError("--data bundled: needs one or more domain names, e.g. bundled:news,fiction")
-        return [domain(n).name for n in dict.fromkeys(names)]
-    return []
+    names = [n.strip() for n in source[len("bundled:"):].split(",") if n.strip()]
+    if not names:
+        raise CcliError("--data bundled: needs one or more domain names, e.g. bundled:news,fiction")
+    return [domain(n).name for n in dict.fromkeys(names)]
 
 
 def is_heldout(paragraph: str, tenths: int = 1) -> bool:
@@ -152,7 +161,7 @@ def load_paragraphs(source: str | None = None, split: str = "train") -> list[str
     'bundled:NAME[,NAME]' (those bundled domains), a .txt file (paragraphs separated by blank lines,
     or one per line), a .jsonl file (a 'text' field per line), or 'hf:NAME[:CONFIG]'.
     """
-    if source in (None, "bundled") or source.startswith("bundled:"):
+    if is_bundled(source):
         chosen = [p for name in trained_domains(source)
                   for p in _split(list(_domain_paragraphs(name)), split, domain(name).heldout_tenths)]
         if not chosen:
@@ -254,9 +263,7 @@ def evaluation_sets(trained_on: str | None, extra: str | None = None, per_domain
     seen = set(trained_domains(trained_on) if seen_domains is None else seen_domains)
     sets = [EvalSet(d.name, _spread(load_paragraphs(f"bundled:{d.name}", "heldout"), per_domain), d.name in seen)
             for d in DOMAINS]
-    for source in dict.fromkeys(s for s in (trained_on, extra) if s is not None):
-        if source == "bundled" or source.startswith("bundled:"):
-            continue
+    for source in dict.fromkeys(s for s in (trained_on, extra) if not is_bundled(s)):
         name = source_name(source)
         if any(s.name == name for s in sets):
             raise CcliError(f"--data '{source}' has the name of a bundled domain; rename the file")

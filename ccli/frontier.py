@@ -22,7 +22,7 @@ from .arch import view
 from .data import evaluation_sets
 from .errors import CcliError
 from .hub import load
-from .inputs import build_inputs, max_positions
+from .inputs import build_inputs, fit_length
 from .measure.components import weight_bytes
 from .measure.fidelity import compare_domains
 from .measure.flops import count_flops
@@ -166,7 +166,7 @@ def compare_models(
 
     base, converted = _parse_models(_refs(models))
     sets = evaluation_sets(None, data, per_domain=heldout_paragraphs)
-    max_length = min(max_length, max_positions(base.model.config) or max_length)  # past it, position embeddings run out
+    max_length = fit_length(base.model.config, max_length)
     rows = [{"row": "dense", "kind": "base", "model": base.name, "conversion": None, "module": base.model}]
     rows += [{"row": label, "kind": "converted", "model": m.source, "conversion": describe_conversion(m.manifest),
               "module": m.model} for label, m in converted]

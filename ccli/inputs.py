@@ -48,6 +48,12 @@ def build_inputs(loaded, *, batch: int = 1, seq: int | None = 128, text: str | N
     return {"input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}
 
 
+def fit_length(config, length: int) -> int:
+    """`length` cut to the model's positions: longer sequences would index past its position embeddings."""
+    positions = max_positions(config)
+    return min(length, positions) if positions and positions > 0 else length
+
+
 def max_positions(config) -> int | None:
     for key in ("max_position_embeddings", "n_positions"):
         value = getattr(config, key, None)

@@ -174,8 +174,8 @@ def compare_domains(student: nn.Module, teacher: nn.Module, tokenizer, sets, max
     domain worst first, `unseen` pools the domains it never trained on, `worst_domain` names the first."""
     domains = []
     for s in sets:
-        if len([p for p in s.paragraphs if len(p.split()) >= 8]) < 2:
-            continue  # too few long paragraphs to score (a small user file); never silently: see below
+        if len(_halves(s.paragraphs)[0]) < 2:
+            continue  # too few paragraphs long enough to score (a small user file); listed as unscored below
         domains.append({"domain": s.name, "seen": s.seen, **compare(student, teacher, tokenizer, s.paragraphs, max_length)})
     if not domains:
         raise CcliError("fidelity needs at least two held-out paragraphs of 8 or more words")
