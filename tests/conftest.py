@@ -59,3 +59,14 @@ def tiny_llama(tmp_path_factory):
     cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, vocab_size=EMBEDDED_VOCAB, pad_token_id=0)
     return _save_tiny(LlamaForCausalLM(cfg).eval(), tmp_path_factory.mktemp("llama") / "tiny-llama")
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Fails the test if any layer starts training: the check under test must come first."""
+    from ccli import distill as distill_module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("training started before the check")
+
+    monkeypatch.setattr(distill_module, "fit_layer", refuse)

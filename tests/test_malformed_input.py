@@ -7,25 +7,13 @@ import shutil
 
 import pytest
 
-from ccli import distill as distill_module
-from ccli.conversion import convert
-from tiny_dirs import TINY, TINY_ARGS, one_line_error, run, small_text, tiny_bert_dir
+from tiny_dirs import TINY_ARGS, one_line_error, run, tiny_workspace
 
 
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    root = tmp_path_factory.mktemp("malformed")
-    model = tiny_bert_dir(root / "model")
-    text = small_text(root / "text.txt")
-    converted = root / "converted"
-    convert(str(model), data=str(text), out=str(converted), evaluate_fidelity=False, **TINY)
-    return {"root": root, "model": model, "text": text, "converted": converted}
-
-
-@pytest.fixture
-def no_training(monkeypatch):
-    monkeypatch.setattr(distill_module, "fit_layer", lambda *a, **k: pytest.fail("training started before the check"))
+    return tiny_workspace(tmp_path_factory.mktemp("malformed"), evaluate_fidelity=False)
 
 
 def damaged_copy(work, tmp_path, change):

@@ -14,28 +14,13 @@ from ccli import distill as distill_module
 from ccli import safety
 from ccli.conversion import convert
 from ccli.errors import CcliError
-from tiny_dirs import TINY, TINY_ARGS, one_line_error, run, small_text, tiny_bert_dir
+from tiny_dirs import TINY, TINY_ARGS, one_line_error, run, tiny_bert_dir, tiny_workspace
 
 
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    """A tiny BERT with its own tokenizer, a small text and one conversion of it."""
-    root = tmp_path_factory.mktemp("safety")
-    model = tiny_bert_dir(root / "model")
-    text = small_text(root / "text.txt")
-    converted = root / "converted"
-    convert(str(model), data=str(text), out=str(converted), **TINY)
-    return {"root": root, "model": model, "text": text, "converted": converted}
-
-
-@pytest.fixture
-def no_training(monkeypatch):
-    """Fails the test if any layer starts training: the check under test must come first."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("training started before the check")
-
-    monkeypatch.setattr(distill_module, "fit_layer", refuse)
+    return tiny_workspace(tmp_path_factory.mktemp("safety"))
 
 
 def user_files(directory):

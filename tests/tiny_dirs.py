@@ -52,3 +52,15 @@ def one_line_error(result, message, alone=True):
     assert len(lines) == 1 and message in lines[0], result.stderr
     if alone:
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def tiny_workspace(root: Path, **convert_options) -> dict:
+    """A tiny BERT with its own tokenizer, a small text and one conversion of it under `root`:
+    {"root", "model", "text", "converted"}."""
+    from ccli.conversion import convert
+
+    model = tiny_bert_dir(root / "model")
+    text = small_text(root / "text.txt")
+    converted = root / "converted"
+    convert(str(model), data=str(text), out=str(converted), **TINY, **convert_options)
+    return {"root": root, "model": model, "text": text, "converted": converted}
