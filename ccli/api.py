@@ -219,7 +219,7 @@ def _fff_layer_case(source, hidden, width, trees, depth, leaf_width):
             raise CcliError(f"'{loaded.name}' has no FFF layer to time; give a directory written by ccli convert --to fff")
         index, layer = found[0]
         ffn = view(load(loaded.manifest["base_source"]).model).blocks[index].ffn
-        dense = nn.Sequential(ffn.inputs[0], ffn.act, ffn.output)
+        dense = _DenseFFNModule(ffn)
         hidden, width = layer.hidden_size, ffn.width
         name = f"{loaded.name} layer {index} FFN"
     else:
@@ -229,9 +229,10 @@ def _fff_layer_case(source, hidden, width, trees, depth, leaf_width):
         layer = FFF(hidden, trees, depth, leaf_width)
         dense = nn.Sequential(nn.Linear(hidden, width), nn.GELU(), nn.Linear(width, hidden))
         name = f"random fff trees={trees} depth={depth} leaf_width={leaf_width}"
-    work = {"kernel": {"neurons_per_token": layer.neurons_per_token, "macs_per_token": 2 * hidden * layer.neurons_per_token,
+    per_neuron = (3 if layer.gated else 2) * hidden  # gate, up and down rows, or in and out
+    work = {"kernel": {"neurons_per_token": layer.neurons_per_token, "macs_per_token": per_neuron * layer.neurons_per_token,
                        "adds_per_token": 0},
-            "dense": {"neurons_per_token": width, "macs_per_token": 2 * hidden * width, "adds_per_token": 0}}
+            "dense": {"neurons_per_token": width, "macs_per_token": per_neuron * width, "adds_per_token": 0}}
     return name, hidden, layer, dense, kernels, work
 
 
@@ -269,6 +270,18 @@ def _ternary_layer_case(source, hidden, width, act_bits):
     return name, hidden, layer, dense, kernels, work
 
 
+class _DenseFFNModule(torch.nn.Module):
+    """A model's dense FFN alone, from its view: output(act(inputs[0](x)) [* inputs[1](x) when gated])."""
+
+    def __init__(self, ffn):
+        super().__init__()
+        self.inputs, self.act, self.output = torch.nn.ModuleList(ffn.inputs), ffn.act, ffn.output
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.act(self.inputs[0](x))
+        return self.output(h * self.inputs[1](x) if len(self.inputs) == 2 else h)
+
+
 def _moe_layer_case(source, hidden, width, experts, top_k):
     """As _fff_layer_case, for one MoE layer against the dense FFN of the same shape. Its routing is
     real: the router's top-k picks the experts, so the work per token is top_k experts plus the router."""
@@ -284,9 +297,7 @@ def _moe_layer_case(source, hidden, width, experts, top_k):
             raise CcliError(f"'{loaded.name}' has no MoE layer to time; give a directory written by ccli convert --to moe")
         index, layer = found[0]
         ffn = view(load(loaded.manifest["base_source"]).model).blocks[index].ffn
-        dense = nn.Sequential(ffn.inputs[0], ffn.act, ffn.output) if len(ffn.inputs) == 1 else None
-        if dense is None:
-            raise CcliError("bench --layer --to moe times non-gated FFNs only")
+        dense = _DenseFFNModule(ffn)
         hidden, width = layer.hidden_size, ffn.width
         name = f"{loaded.name} layer {index} FFN"
     else:
@@ -303,9 +314,10 @@ def _moe_layer_case(source, hidden, width, experts, top_k):
             layer.output_bias.copy_(dense[2].bias)
         name = f"random moe experts={experts} top_k={top_k}"
     neurons = layer.top_k * layer.expert_width + layer.shared
-    work = {"kernel": {"neurons_per_token": neurons, "macs_per_token": 2 * hidden * neurons + hidden * layer.experts,
+    per_neuron = (3 if layer.gated else 2) * hidden
+    work = {"kernel": {"neurons_per_token": neurons, "macs_per_token": per_neuron * neurons + hidden * layer.experts,
                        "adds_per_token": 0},
-            "dense": {"neurons_per_token": width, "macs_per_token": 2 * hidden * width, "adds_per_token": 0}}
+            "dense": {"neurons_per_token": width, "macs_per_token": per_neuron * width, "adds_per_token": 0}}
     return name, hidden, layer, dense, kernels, work
 
 

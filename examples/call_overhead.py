@@ -40,7 +40,7 @@ def main() -> None:
         dense = nn.Sequential(nn.Linear(HIDDEN, WIDTH), nn.GELU(), nn.Linear(WIDTH, HIDDEN)).eval()
         identity = nn.Identity()
         layer(x)  # builds or loads the native kernel
-        w_in, b_in, w_out, b_out = layer._kernel_weights()
+        w_in, b_in, w_out, b_out, _ = layer._kernel_weights()
         calls = {
             "nn.Identity module call": lambda: identity(x),
             "torch.neg (dispatcher, new output)": lambda: torch.neg(x),

@@ -118,6 +118,14 @@ def fff_case(trees, depth, leaf_width, hidden, n_tokens, seed, dtype=torch.float
     return x, w_in, b_in, w_out
 
 
+def fff_up(trees, depth, leaf_width, hidden, seed, gated=True):
+    """Dyadic up rows w_up (like w_in) for gated trees, or None."""
+    if not gated:
+        return None
+    g = torch.Generator().manual_seed(seed + 2)
+    return torch.randint(-8, 9, (F.fff_rows(trees, depth, leaf_width), hidden), generator=g).float() / 16
+
+
 def fff_bias(hidden, seed, with_bias=True):
     """A dyadic output bias (hidden,), or None."""
     if not with_bias:
@@ -126,10 +134,15 @@ def fff_bias(hidden, seed, with_bias=True):
     return torch.randint(-64, 65, (hidden,), generator=g).float() / 256
 
 
-def fff_oracle(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, leaf_linear=0):
+def fff_oracle(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, leaf_linear=0, w_up=None):
     """Slow per-token loop written straight from the contract, in float64."""
     act = _SCALAR_ACTS[activation]
     x, w_in, b_in, w_out = (t.double() for t in (x, w_in, b_in, w_out))
+    w_up = None if w_up is None else w_up.double()
+
+    def up(t, row):  # a gated neuron's second factor
+        return 1.0 if w_up is None else float(x[t] @ w_up[row])
+
     n_tokens, hidden = x.shape
     n_internal = 2**depth - 1
     n_leaves = 2**depth
@@ -141,13 +154,13 @@ def fff_oracle(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, leaf_
             n = 0
             for _ in range(depth):
                 z = float(x[t] @ w_in[base + n]) + float(b_in[base + n])
-                y[t] += act(z) * w_out[base + n]
+                y[t] += act(z) * up(t, base + n) * w_out[base + n]
                 n = 2 * n + 1 + (1 if z >= 0 else 0)
             first = base + n_internal + (n - n_internal) * leaf_width
             for q in range(leaf_width):
                 z = float(x[t] @ w_in[first + q]) + float(b_in[first + q])
                 linear = q >= leaf_width - leaf_linear  # the leaf's last leaf_linear neurons
-                y[t] += (z if linear else act(z)) * w_out[first + q]
+                y[t] += (z if linear else act(z)) * up(t, first + q) * w_out[first + q]
     return y
 
 
@@ -159,7 +172,8 @@ FFF_SHAPES = dict(
     n_tokens=st.integers(1, 6),
     activation=st.sampled_from(F.ACTIVATIONS),
     seed=st.integers(0, 2**31 - 1),
-    linear=st.integers(0, 13),  # leaf_linear = linear % (leaf_width + 1)
+    linear=st.integers(0, 13),  # leaf_linear = linear % (leaf_width + 1), or 0 when gated
+    gated=st.booleans(),  # with w_up (LLaMA-family neurons act(gate) * up)
 )
 
 

@@ -96,6 +96,7 @@ def test_cached_generation_equals_stepwise_full_forwards_on_a_dense_model(family
     ("gpt2", "ternary", {"targets": "all"}),  # Conv1D attention and FFN linears
     ("gpt2", "fff", {"depth": 1, "leaf_width": 8}),
     ("llama", "ternary", {"targets": "all"}),  # gated FFN
+    ("llama", "fff", {"depth": 1, "leaf_width": 8}),  # gated trees
 ])
 def test_a_converted_decoder_generates_with_the_kv_cache_exactly_as_stepwise(tiny_dirs, tmp_path, family, to, params):
     out = tmp_path / f"{family}-{to}"

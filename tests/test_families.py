@@ -27,6 +27,7 @@ from ccli.errors import CcliError
 from ccli.hub import embedded_model_dir
 from ccli.variants import FAMILIES, register
 from ccli.variants.base import BlockVariant, ConvertedModule, VariantConfig, option, wrap_block
+from tiny import HIDDEN
 
 pytestmark = pytest.mark.slow
 BUDGET = dict(steps=12, tokens=512, batch_tokens=128, e2e_batch=4, heldout_paragraphs=16, show_progress=False)
@@ -134,6 +135,22 @@ def test_a_llama_model_converts_to_ternary_saves_reloads_bit_identically_and_pro
     assert row["adds_per_token"] > 0 and row["family"] == "llama"
 
 
-def test_fff_refuses_a_gated_ffn_in_one_line(tiny_llama):
-    with pytest.raises(CcliError, match="fff: gated FFNs"):
-        convert(tiny_llama, to="fff", params={"depth": 1}, **BUDGET)
+def test_a_llama_model_converts_to_gated_fff_saves_reloads_bit_identically_and_beats_its_init(tiny_llama, tmp_path):
+    out = tmp_path / "fff-llama"
+    record = convert(tiny_llama, to="fff", params={"depth": 1, "leaf_width": 8}, out=str(out), **BUDGET)
+    errors = record["fidelity"]["ffn_rel_error"]
+    assert set(errors) == {0, 1}
+    model, _ = ccli.load(str(out))
+    for block in view(model).blocks:
+        assert block.ffn.replaced.gated and block.ffn.replaced.linear_up.weight.shape == (1 + 2 * 8, HIDDEN)
+    again, _ = ccli.load(str(out))
+    assert torch.equal(_outputs(model).logits, _outputs(again).logits)
+    untrained = convert(tiny_llama, to="fff", params={"depth": 1, "leaf_width": 8}, out=str(tmp_path / "init"),
+                        **{**BUDGET, "steps": 0, "e2e_steps": 0})
+    for block, error in errors.items():
+        assert error < untrained["fidelity"]["ffn_rel_error"][block]
+
+
+def test_fff_refuses_linear_leaf_neurons_on_a_gated_ffn_in_one_line(tiny_llama):
+    with pytest.raises(CcliError, match="fff: --leaf-linear is for ungated FFNs"):
+        convert(tiny_llama, to="fff", params={"depth": 1, "leaf_width": 4, "leaf_linear": 2}, **BUDGET)

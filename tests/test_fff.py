@@ -18,9 +18,14 @@ SHAPES = [(1, 0, 4, 0), (1, 3, 1, 0), (2, 2, 3, 0), (3, 1, 5, 0), (1, 5, 2, 0), 
           (2, 2, 3, 1), (1, 1, 1, 1), (2, 3, 9, 4), (1, 2, 12, 12)]
 
 
-def _layer(trees, depth, leaf_width, hidden=HIDDEN, seed=0, leaf_linear=0):
+# gated trees (LLaMA-family neurons act(gate) * up): (trees, depth, leaf width); no linear leaf neurons
+GATED_SHAPES = [(1, 0, 4), (1, 3, 1), (2, 2, 3), (2, 3, 9), (1, 2, 12)]
+
+
+def _layer(trees, depth, leaf_width, hidden=HIDDEN, seed=0, leaf_linear=0, gated=False):
     torch.manual_seed(seed)
-    layer = FFF(hidden, trees, depth, leaf_width, leaf_linear=leaf_linear)
+    layer = FFF(hidden, trees, depth, leaf_width, activation="silu" if gated else "gelu", leaf_linear=leaf_linear,
+                gated=gated)
     nn.init.normal_(layer.output_bias)
     return layer
 
@@ -34,9 +39,10 @@ def test_each_token_visits_one_path_per_tree(trees, depth, leaf_width, leaf_line
     assert (positive <= computed).all()
 
 
-@pytest.mark.parametrize("trees, depth, leaf_width, leaf_linear", SHAPES)
-def test_training_path_equals_the_kernel_path(trees, depth, leaf_width, leaf_linear):
-    layer = _layer(trees, depth, leaf_width, leaf_linear=leaf_linear)
+@pytest.mark.parametrize("trees, depth, leaf_width, leaf_linear, gated",
+                         [(*shape, False) for shape in SHAPES] + [(*shape, 0, True) for shape in GATED_SHAPES])
+def test_training_path_equals_the_kernel_path(trees, depth, leaf_width, leaf_linear, gated):
+    layer = _layer(trees, depth, leaf_width, leaf_linear=leaf_linear, gated=gated)
     x = torch.randn(2, 9, HIDDEN)
     layer.train()
     with torch.enable_grad():
@@ -47,12 +53,14 @@ def test_training_path_equals_the_kernel_path(trees, depth, leaf_width, leaf_lin
     torch.testing.assert_close(trained, inferred, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("trees, depth, leaf_width, leaf_linear",
-                         [(1, 0, 4, 0), (1, 3, 1, 0), (2, 2, 3, 0), (3, 4, 6, 0), (1, 6, 2, 0), (2, 3, 6, 2), (1, 2, 3, 3)])
-def test_leaf_by_leaf_training_computes_the_masked_function_and_gradients(trees, depth, leaf_width, leaf_linear):
+@pytest.mark.parametrize("trees, depth, leaf_width, leaf_linear, gated",
+                         [(1, 0, 4, 0, False), (1, 3, 1, 0, False), (2, 2, 3, 0, False), (3, 4, 6, 0, False),
+                          (1, 6, 2, 0, False), (2, 3, 6, 2, False), (1, 2, 3, 3, False), (2, 3, 6, 0, True),
+                          (1, 0, 4, 0, True)])
+def test_leaf_by_leaf_training_computes_the_masked_function_and_gradients(trees, depth, leaf_width, leaf_linear, gated):
     """The two training computations (wide leaves: per leaf; narrow: masked dense) agree in outputs
     and in every parameter's and the input's gradient, including leaves that no token reaches."""
-    layer = _layer(trees, depth, leaf_width, leaf_linear=leaf_linear).train()
+    layer = _layer(trees, depth, leaf_width, leaf_linear=leaf_linear, gated=gated).train()
     results = []
     for compute in (layer._masked_training_output, layer._leaf_by_leaf_training_output):
         layer.zero_grad()
@@ -60,8 +68,8 @@ def test_leaf_by_leaf_training_computes_the_masked_function_and_gradients(trees,
         weights = torch.randn(37, HIDDEN, generator=torch.Generator().manual_seed(4))
         y = compute(x)
         (y * weights).sum().backward()
-        results.append((y.detach(), x.grad, layer.linear_in.weight.grad.clone(), layer.linear_in.bias.grad.clone(),
-                        layer.linear_out.weight.grad.clone()))
+        results.append((y.detach(), x.grad,  # every weight but the output bias, which these computations leave out
+                        *(p.grad.clone() for name, p in layer.named_parameters() if name != "output_bias")))
     for masked, leaf_by_leaf in zip(*results):
         torch.testing.assert_close(leaf_by_leaf, masked, atol=1e-5, rtol=1e-5)
 
@@ -179,6 +187,44 @@ def test_linear_leaf_neurons_are_fitted_to_what_the_leaf_misses():
             silent.linear_out.weight[:, 1 + j * 20 + 14 : 1 + (j + 1) * 20] = 0
         errors = [((f(unseen) - dense(unseen)).pow(2).sum() / dense(unseen).pow(2).sum()).item() for f in (layer, silent, wider)]
     assert errors[0] < errors[1] and errors[0] < errors[2]
+
+
+def _gated_dense(hidden=HIDDEN, width=WIDTH):
+    torch.manual_seed(1)
+    return DenseFFN(torch.randn(width, hidden) / hidden**0.5, None, torch.randn(hidden, width) / width**0.5, None, "silu",
+                    w_gate=torch.randn(width, hidden) / hidden**0.5)
+
+
+def test_a_gated_ffn_in_one_leaf_is_the_dense_ffn_and_leaves_keep_gate_up_down_rows():
+    dense = _gated_dense()
+    x = torch.randn(256, HIDDEN)
+    whole = FFFVariant(trees=1, depth=0, leaf_width=WIDTH).init_from_dense(dense, x, seed=0).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(whole(x), dense(x), atol=1e-5, rtol=1e-5)
+    layer = FFFVariant(trees=2, depth=2, leaf_width=8).init_from_dense(dense, x, seed=0)
+    assert layer.gated and layer.output_bias is not None and not layer.output_bias.any()
+    per_tree = layer.per_tree
+    for k in range(2):
+        rows = slice(k * per_tree + 3, (k + 1) * per_tree)  # the leaves of tree k
+        gate = (layer.linear_in.weight[rows][:, None] == dense.w_gate[None]).all(-1)
+        neuron = gate.float().argmax(1)
+        assert gate.any(1).all() and not layer.linear_in.bias[rows].any()
+        assert torch.equal(layer.linear_up.weight[rows], dense.w_in[neuron])
+        assert torch.equal(layer.linear_out.weight[:, rows], dense.w_out[:, neuron])
+        nodes = slice(k * per_tree, k * per_tree + 3)  # silent at first, with up rows that let them learn
+        assert not layer.linear_out.weight[:, nodes].any() and layer.linear_up.weight[nodes].norm(dim=1).min() > 0
+
+
+def test_gated_ffn_flops_count_gate_up_and_down_rows_of_the_visited_neurons():
+    model = tiny("llama")
+    for ffn in view(model).ffns():
+        ffn.replace(_layer(2, 2, 3, gated=True))
+    model.eval()
+    ids = torch.randint(3, 100, (1, 9))
+    counted = count_flops(model, {"input_ids": ids})
+    per_token_ffn = flops_by_component(view(model), counted.by_module)["ffn"] / ids.numel()
+    assert per_token_ffn == LAYERS * 2 * (3 * HIDDEN) * 2 * (2 + 3)
+    assert counted.unknown_ops == {}
 
 
 def test_fitted_routers_beat_random_routing():

@@ -23,6 +23,7 @@ from kernel_cases import assert_close as _assert_close
 from kernel_cases import fff_bias as make_bias
 from kernel_cases import fff_case as make_case
 from kernel_cases import fff_oracle as oracle
+from kernel_cases import fff_up as make_up
 
 from ccli.kernels import fff as F
 from ccli.kernels import fff_triton, native, triton_support
@@ -53,13 +54,14 @@ shapes = FFF_SHAPES
 
 @SETTINGS
 @given(**shapes, with_bias=st.booleans())
-def test_reference_matches_oracle(trees, depth, leaf_width, hidden, n_tokens, activation, seed, linear, with_bias):
+def test_reference_matches_oracle(trees, depth, leaf_width, hidden, n_tokens, activation, seed, linear, gated, with_bias):
     x, w_in, b_in, w_out = make_case(trees, depth, leaf_width, hidden, n_tokens, seed)
     b_out = make_bias(hidden, seed, with_bias)
+    w_up = make_up(trees, depth, leaf_width, hidden, seed, gated)
     args = (trees, depth, leaf_width, activation)
-    leaf_linear = linear % (leaf_width + 1)
-    expected = oracle(x, w_in, b_in, w_out, *args, leaf_linear) + (0 if b_out is None else b_out.double())
-    assert_close(F.fff_reference(x, w_in, b_in, w_out, *args, b_out, leaf_linear), expected)
+    leaf_linear = 0 if gated else linear % (leaf_width + 1)
+    expected = oracle(x, w_in, b_in, w_out, *args, leaf_linear, w_up) + (0 if b_out is None else b_out.double())
+    assert_close(F.fff_reference(x, w_in, b_in, w_out, *args, b_out, leaf_linear, w_up), expected)
 
 
 def test_reference_chunks_and_dtypes(monkeypatch):
@@ -101,11 +103,13 @@ def test_reference_rejects_bad_arguments():
     activation=st.sampled_from(F.ACTIVATIONS),
     seed=st.integers(0, 2**31 - 1),
     linear=st.integers(0, 13),
+    gated=st.booleans(),
 )
-def test_native_grouped_leaves(native_ext, trees, depth, leaf_width, hidden, n_tokens, activation, seed, linear):
+def test_native_grouped_leaves(native_ext, trees, depth, leaf_width, hidden, n_tokens, activation, seed, linear, gated):
     """Wide leaves with many tokens take the native kernel's grouped (tokens sorted by leaf) path."""
     x, w_in, b_in, w_out = make_case(trees, depth, leaf_width, hidden, n_tokens, seed)
-    args = (trees, depth, leaf_width, activation, make_bias(hidden, seed, seed % 2 == 0), linear % (leaf_width + 1))
+    args = (trees, depth, leaf_width, activation, make_bias(hidden, seed, seed % 2 == 0),
+            0 if gated else linear % (leaf_width + 1), make_up(trees, depth, leaf_width, hidden, seed, gated))
     assert_close(native.fff_native(x, w_in, b_in, w_out, *args), F.fff_reference(x, w_in, b_in, w_out, *args))
 
 
@@ -119,12 +123,15 @@ def test_native_grouped_leaves(native_ext, trees, depth, leaf_width, hidden, n_t
     activation=st.sampled_from(F.ACTIVATIONS),
     seed=st.integers(0, 2**31 - 1),
     linear=st.sampled_from([0, 1, 7, 32]) | st.integers(0, 40),
+    gated=st.booleans(),
 )
-def test_native_leaves_as_matrix_products(native_ext, trees, depth, leaf_width, hidden, n_tokens, activation, seed, linear):
+def test_native_leaves_as_matrix_products(native_ext, trees, depth, leaf_width, hidden, n_tokens, activation, seed, linear,
+                                          gated):
     """Wide leaves reached by 16 or more tokens are computed as matrix products (leaf_gemm); leaves
     with fewer tokens in the same call take the per-token path."""
     x, w_in, b_in, w_out = make_case(trees, depth, leaf_width, hidden, n_tokens, seed)
-    args = (trees, depth, leaf_width, activation, make_bias(hidden, seed, seed % 2 == 1), min(linear, leaf_width))
+    args = (trees, depth, leaf_width, activation, make_bias(hidden, seed, seed % 2 == 1),
+            0 if gated else min(linear, leaf_width), make_up(trees, depth, leaf_width, hidden, seed, gated))
     assert_close(native.fff_native(x, w_in, b_in, w_out, *args), F.fff_reference(x, w_in, b_in, w_out, *args))
 
 
@@ -184,6 +191,8 @@ def test_interp_triton_through_op(activation):
     with F.use_backend("triton"):
         assert_close(F.fff(x, w_in, b_in, w_out, *args), expected)
         assert_close(F.fff(x[:1], w_in, b_in, w_out, *args), expected[:1])  # one token
+        w_up = make_up(2, 4, 5, 33, seed=11)  # gated trees
+        assert_close(F.fff(x, w_in, b_in, w_out, *args, None, 0, w_up), oracle(x, w_in, b_in, w_out, *args, 0, w_up))
     # large |z| must not overflow the sigmoid-based activations
     x_big = x * 64
     with F.use_backend("triton"):
@@ -207,13 +216,13 @@ def test_triton_kernel_compiles_for_cuda():
     except ImportError as exc:
         pytest.skip(f"triton AOT API unavailable: {exc}")
     kernel = fff_triton._KERNEL.get()
-    pointers = {name: "*fp32" for name in ("x_ptr", "w_in_ptr", "b_in_ptr", "w_out_ptr", "b_out_ptr", "y_ptr")}
-    ints = ("H", "stride_x", "stride_y", "TREES", "DEPTH", "LEAF_WIDTH", "LEAF_GATED", "ROWS_PER_TREE", "N_INTERNAL")
+    pointers = {name: "*fp32" for name in ("x_ptr", "w_in_ptr", "b_in_ptr", "w_out_ptr", "w_up_ptr", "b_out_ptr", "y_ptr")}
+    ints = ("H", "stride_x", "stride_y", "TREES", "DEPTH", "LEAF_WIDTH", "LEAF_ACTIVATED", "ROWS_PER_TREE", "N_INTERNAL")
     signature = {**pointers, **{name: "i32" for name in ints},
-                 **{name: "constexpr" for name in ("ACT", "HAS_B_OUT", "BLOCK_H", "BLOCK_W")}}
+                 **{name: "constexpr" for name in ("ACT", "HAS_B_OUT", "GATED", "BLOCK_H", "BLOCK_W")}}
     assert list(signature) == list(kernel.arg_names)
-    for activation, has_b_out in zip(F.ACTIVATIONS, (True, False, True, False)):
-        source = ASTSource(fn=kernel, signature=signature,
-                           constexprs={"ACT": activation, "HAS_B_OUT": has_b_out, "BLOCK_H": 1024, "BLOCK_W": 4})
+    for activation, has_b_out, gated in zip(F.ACTIVATIONS, (True, False, True, False), (False, True, False, True)):
+        source = ASTSource(fn=kernel, signature=signature, constexprs={
+            "ACT": activation, "HAS_B_OUT": has_b_out, "GATED": gated, "BLOCK_H": 1024, "BLOCK_W": 4})
         compiled = triton.compile(source, target=GPUTarget("cuda", 80, 32), options={"num_warps": 4, "enable_fp_fusion": True})
         assert "ptx" in compiled.asm

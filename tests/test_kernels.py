@@ -41,6 +41,7 @@ from kernel_cases import (
     assert_close,
     fff_bias,
     fff_case,
+    fff_up,
     load_native_or_skip,
     moe_case,
     needs_interpreter,
@@ -123,10 +124,10 @@ class _nothing:
 # --- FFF ------------------------------------------------------------------------------------------------
 
 
-def _fff_make(trees, depth, leaf_width, hidden, n_tokens, activation, seed, linear, with_bias) -> Case:
+def _fff_make(trees, depth, leaf_width, hidden, n_tokens, activation, seed, linear, gated, with_bias) -> Case:
     x, w_in, b_in, w_out = fff_case(trees, depth, leaf_width, hidden, n_tokens, seed)
     return x, (w_in, b_in, w_out, trees, depth, leaf_width, activation, fff_bias(hidden, seed, with_bias),
-               linear % (leaf_width + 1))
+               0 if gated else linear % (leaf_width + 1), fff_up(trees, depth, leaf_width, hidden, seed, gated))
 
 
 def _fff_shape_case(trees, depth, leaf_width, hidden, n_tokens, seed, activation="gelu", *extra) -> Case:
@@ -146,6 +147,8 @@ def _fff_thread_cases() -> list[Case]:
         x, w_in, b_in, w_out = fff_case(trees, depth, leaf_width, hidden, n_tokens, seed=n_tokens)
         for leaf_linear in (0, leaf_width // 3, leaf_width):
             cases.append((x, (w_in, b_in, w_out, trees, depth, leaf_width, "gelu", fff_bias(hidden, n_tokens), leaf_linear)))
+        gated = fff_up(trees, depth, leaf_width, hidden, n_tokens)
+        cases.append((x, (w_in, b_in, w_out, trees, depth, leaf_width, "silu", None, 0, gated)))
     return cases
 
 
@@ -160,8 +163,7 @@ def _fff_noncontiguous():
 
 
 def _fff_double(x, args) -> Case:
-    w_in, b_in, w_out, *rest = args
-    return x.double(), (w_in.double(), b_in.double(), w_out.double(), *rest)
+    return x.double(), tuple(a.double() if isinstance(a, torch.Tensor) else a for a in args)
 
 
 def _fff_bad_calls():
@@ -170,6 +172,8 @@ def _fff_bad_calls():
         ("w_in", x, (w_in[:-1], b_in, w_out, 1, 2, 2, "gelu")),
         ("activation", x, (w_in, b_in, w_out, 1, 2, 2, "tanh")),
         ("b_out", x, (w_in, b_in, w_out, 1, 2, 2, "gelu", torch.zeros(5))),
+        ("w_up", x, (w_in, b_in, w_out, 1, 2, 2, "gelu", None, 0, w_in[:-1])),
+        ("leaf_linear", x, (w_in, b_in, w_out, 1, 2, 2, "gelu", None, 1, w_in)),  # gated trees have no linear neurons
     ]
 
 

@@ -12,7 +12,13 @@ levels from node n=0: z = x.w_in[n] + b_in[n]; y += act(z) w_out[n]; n = 2n + 1 
 the W neurons of leaf n - I likewise, except that the last R (`leaf_linear`, 0 <= R <= W, default 0)
 neurons of every leaf are linear: y += z w_out[r], no activation (a rank-R linear map per leaf).
 With W = 1 and R = 0 this is UltraFastBERT's FFF; D = 0 is a dense FFN of width W per tree.
-Work per token: K*(D+W) neurons, K*(D+W)*2*H multiply-accumulates.
+
+Gated trees (LLaMA-family FFNs, whose neurons are act(gate) * up): with `w_up` (K*M, H), every neuron,
+node or leaf, computes act(z) * (x.w_up[r]) instead of act(z), where z = x.w_in[r] + b_in[r] is its
+gate pre-activation; routing still follows the sign of z. Gated trees have no linear leaf neurons
+(leaf_linear must be 0).
+
+Work per token: K*(D+W) neurons, K*(D+W)*2*H multiply-accumulates (3*H per neuron when gated).
 
 Backends: "reference" (PyTorch, any device), "native" (C++/OpenMP, CPU float32, built on first use),
 "triton" (CUDA; CPU only under TRITON_INTERPRET=1). "auto" (the default) uses native on CPU and
@@ -67,12 +73,13 @@ def fff_rows(trees: int, depth: int, leaf_width: int) -> int:
     return trees * ((1 << depth) - 1 + (1 << depth) * leaf_width)
 
 
-def fff_macs(n_tokens: int, hidden: int, trees: int, depth: int, leaf_width: int) -> int:
-    """Multiply-accumulates of one call: N * K * (D + W) * 2 * H (FLOPs are twice this)."""
-    return n_tokens * trees * (depth + leaf_width) * 2 * hidden
+def fff_macs(n_tokens: int, hidden: int, trees: int, depth: int, leaf_width: int, gated: bool = False) -> int:
+    """Multiply-accumulates of one call: N * K * (D + W) * H * (3 if gated else 2) (FLOPs are twice this)."""
+    return n_tokens * trees * (depth + leaf_width) * (3 if gated else 2) * hidden
 
 
-def _check_args(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out=None, leaf_linear=0) -> None:
+def _check_args(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out=None, leaf_linear=0,
+                w_up=None) -> None:
     if activation not in _ACT_FNS:
         raise ValueError(f"fff: unknown activation {activation!r}; expected one of {ACTIVATIONS}")
     if trees < 1 or depth < 0 or leaf_width < 1 or depth > MAX_DEPTH:
@@ -92,6 +99,11 @@ def _check_args(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_ou
         raise ValueError(f"fff: b_in must be ({rows},), got {tuple(b_in.shape)}")
     if b_out is not None and tuple(b_out.shape) != (hidden,):
         raise ValueError(f"fff: b_out must be ({hidden},), got {tuple(b_out.shape)}")
+    if w_up is not None:
+        if tuple(w_up.shape) != (rows, hidden):
+            raise ValueError(f"fff: w_up must be ({rows}, {hidden}) like w_in, got {tuple(w_up.shape)}")
+        if leaf_linear:
+            raise ValueError(f"fff: gated trees (w_up given) have no linear leaf neurons; need leaf_linear = 0 (got {leaf_linear})")
 
 
 # --- reference ----------------------------------------------------------------------------------------
@@ -110,12 +122,13 @@ def fff_reference(
     activation: str,
     b_out: torch.Tensor | None = None,
     leaf_linear: int = 0,
+    w_up: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """FFF forward in plain PyTorch (any device and dtype, differentiable); x is (N, H), returns (N, H).
 
     Vectorised over tokens: one gather + batched matmul per level, one for the leaf block (tokens are
     processed in chunks so that the gathered leaf weights stay bounded)."""
-    _check_args(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out, leaf_linear)
+    _check_args(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out, leaf_linear, w_up)
     act = _ACT_FNS[activation]
     n_tokens, hidden = x.shape
     n_internal = (1 << depth) - 1
@@ -135,7 +148,8 @@ def fff_reference(
             rows = (node + base).reshape(-1)  # (n*K,)
             z = torch.bmm(w_in.index_select(0, rows).view(n, trees, hidden), xcol).squeeze(-1)
             z = z + b_in.index_select(0, rows).view(n, trees)
-            term = torch.bmm(act(z).unsqueeze(1), w_out.index_select(0, rows).view(n, trees, hidden)).squeeze(1)
+            a = act(z) if w_up is None else act(z) * _rows_dot(w_up, rows, xcol, n, trees)
+            term = torch.bmm(a.unsqueeze(1), w_out.index_select(0, rows).view(n, trees, hidden)).squeeze(1)
             y = term if y is None else y + term
             node = 2 * node + 1 + (z >= 0).long()
         first = base + n_internal + (node - n_internal) * leaf_width  # (n, K)
@@ -144,10 +158,17 @@ def fff_reference(
         z = torch.bmm(w_in.index_select(0, rows).view(n, width, hidden), xcol).squeeze(-1)
         z = (z + b_in.index_select(0, rows).view(n, width)).view(n, trees, leaf_width)
         a = leaf_activations(z, act, leaf_linear).view(n, width)
+        if w_up is not None:
+            a = a * _rows_dot(w_up, rows, xcol, n, width)
         term = torch.bmm(a.unsqueeze(1), w_out.index_select(0, rows).view(n, width, hidden)).squeeze(1)
         outs.append(term if y is None else y + term)
     out = outs[0] if len(outs) == 1 else torch.cat(outs)
     return out if b_out is None else out + b_out
+
+
+def _rows_dot(weights: torch.Tensor, rows: torch.Tensor, xcol: torch.Tensor, n: int, width: int) -> torch.Tensor:
+    """x . weights[row] for `width` rows per token: (n, width) from rows (n*width,) and xcol (n, H, 1)."""
+    return torch.bmm(weights.index_select(0, rows).view(n, width, -1), xcol).squeeze(-1)
 
 
 def leaf_activations(z: torch.Tensor, act, leaf_linear: int) -> torch.Tensor:
@@ -160,38 +181,38 @@ def leaf_activations(z: torch.Tensor, act, leaf_linear: int) -> torch.Tensor:
 
 # --- backends -----------------------------------------------------------------------------------------
 
-def _native_f32(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out=None, leaf_linear=0):
+def _native_f32(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out=None, leaf_linear=0, w_up=None):
     # The extension is loaded by the backend selection; it checks shapes itself. Other dtypes use the reference.
     ext = native.FFF.ext
     if x.dtype is torch.float32 and ext is not None:
-        return ext.fff_forward(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out, leaf_linear)
-    return fff_reference(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out, leaf_linear)
+        return ext.fff_forward(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out, leaf_linear, w_up)
+    return fff_reference(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out, leaf_linear, w_up)
 
 
-def _triton_impl(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out=None, leaf_linear=0):
+def _triton_impl(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out=None, leaf_linear=0, w_up=None):
     from ccli.kernels.fff_triton import fff_triton
 
-    _check_args(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out, leaf_linear)
-    return fff_triton(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out, leaf_linear)
+    _check_args(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out, leaf_linear, w_up)
+    return fff_triton(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out, leaf_linear, w_up)
 
 
 # --- the op ---------------------------------------------------------------------------------------------
 
 
-def _fff_fake(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out=None, leaf_linear=0):
-    _check_args(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out, leaf_linear)
+def _fff_fake(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out=None, leaf_linear=0, w_up=None):
+    _check_args(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out, leaf_linear, w_up)
     return x.new_empty(x.shape)
 
 
 def _op_macs(x_shape, w_in_shape, b_in_shape, w_out_shape, trees, depth, leaf_width, activation, b_out=None,
-             leaf_linear=0) -> int:
-    return fff_macs(x_shape[0], x_shape[1], trees, depth, leaf_width)
+             leaf_linear=0, w_up=None) -> int:
+    return fff_macs(x_shape[0], x_shape[1], trees, depth, leaf_width, gated=w_up is not None)
 
 
 FFF_OP = register_op(KernelOp(
     name="fff",
     schema="(Tensor x, Tensor w_in, Tensor b_in, Tensor w_out, int trees, int depth, int leaf_width, "
-           "str activation, Tensor? b_out=None, int leaf_linear=0) -> Tensor",
+           "str activation, Tensor? b_out=None, int leaf_linear=0, Tensor? w_up=None) -> Tensor",
     reference=fff_reference,
     fake=_fff_fake,
     macs=_op_macs,
@@ -219,8 +240,9 @@ def fff(
     activation: str = "gelu",
     b_out: torch.Tensor | None = None,
     leaf_linear: int = 0,
+    w_up: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """FFF forward for x of shape (..., H) through the `ccli::fff` op; returns (..., H). `b_out`, an
     optional output bias (H,), is fused: each output row starts from it. The last `leaf_linear`
-    neurons of every leaf are linear (no activation)."""
-    return _over_tokens(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out, leaf_linear)
+    neurons of every leaf are linear (no activation); with `w_up` the trees are gated (module doc)."""
+    return _over_tokens(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out, leaf_linear, w_up)

@@ -4,7 +4,9 @@
 // Per tree M = (2^D - 1) + 2^D * W neuron rows; tree k owns rows k*M ... k*M + M - 1 of w_in, b_in,
 // w_out (w_out row r is the output vector of neuron r). A token walks D internal nodes (routing
 // z >= 0 to the right child), then evaluates the W neurons of the leaf it reached; the last
-// W - gated of them (`leaf_linear`) are linear: their pre-activation is used as is.
+// W - activated of them (`leaf_linear`) are linear: their pre-activation is used as is. Gated trees
+// (w_up given, LLaMA-family FFNs) multiply every neuron's act(z) by x.w_up[row]; they have no linear
+// leaf neurons. Wherever a w_in row is read for a token, the same w_up row is read next to it.
 //
 // Parallel over tokens with OpenMP (the same libgomp torch uses, so torch.set_num_threads applies);
 // the dot/axpy loops over H are written for the vectoriser (omp simd).
@@ -159,18 +161,24 @@ struct Problem {
   const float* w_in;
   const float* b_in;
   const float* w_out;
+  const float* w_up;   // gated trees: the up rows (like w_in), or nullptr
   const float* b_out;  // output bias (H) that starts every y row, or nullptr for none
   float* y;
   int64_t N, H, trees, depth, W;
   int64_t I;  // internal nodes per tree
   int64_t M;  // rows per tree
-  int64_t gated;  // leaf neurons 0 .. gated-1 take the activation, gated .. W-1 are linear
+  int64_t activated;  // leaf neurons 0 .. activated-1 take the activation, activated .. W-1 are linear
 };
+
+// The up factor of neuron `row` for the token x: x.w_up[row] in gated trees, else 1.
+inline float up(const Problem& p, const float* __restrict x, int64_t row) {
+  return p.w_up != nullptr ? dot(x, p.w_up + row * p.H, p.H) : 1.0f;
+}
 
 // The activation of leaf neuron q (its index inside the leaf).
 template <Act A>
 inline float leaf_act(const Problem& p, float z, int64_t q) {
-  return q < p.gated ? act<A>(z) : z;
+  return q < p.activated ? act<A>(z) : z;
 }
 
 // `W` consecutive leaf neurons of one token: leaf neurons first ... first+W-1, whose rows start at row0.
@@ -185,13 +193,19 @@ void leaf_rows(const Problem& p, const float* __restrict x, float* __restrict y,
     const float* wi = p.w_in + r * H;
     dot_rows4(x, wi, wi + H, wi + 2 * H, wi + 3 * H, H, a);
     for (int q = 0; q < 4; ++q) a[q] = leaf_act<A>(p, a[q] + p.b_in[r + q], first + j + q);
+    if (p.w_up != nullptr) {
+      float u[4];
+      const float* wu = p.w_up + r * H;
+      dot_rows4(x, wu, wu + H, wu + 2 * H, wu + 3 * H, H, u);
+      for (int q = 0; q < 4; ++q) a[q] *= u[q];
+    }
     const float* wo = p.w_out + r * H;
     axpy_rows4(y, a, wo, wo + H, wo + 2 * H, wo + 3 * H, H);
   }
   for (; j < W; ++j) {
     const int64_t r = row0 + j;
     const float z = dot(x, p.w_in + r * H, H) + p.b_in[r];
-    axpy(y, leaf_act<A>(p, z, first + j), p.w_out + r * H, H);
+    axpy(y, leaf_act<A>(p, z, first + j) * up(p, x, r), p.w_out + r * H, H);
   }
 }
 
@@ -219,7 +233,7 @@ void route_token(const Problem& p, int64_t n, int32_t* leaf_out) {
   const float* __restrict x = p.x + n * H;
   float* __restrict y = p.y + n * H;
   start_row(p, y);
-  const bool leaf_as_level = p.W == 1 && p.gated == 1 && leaf_out == nullptr;
+  const bool leaf_as_level = p.W == 1 && p.activated == 1 && leaf_out == nullptr;
   for (int64_t k = 0; k < p.trees; ++k) {
     const int64_t base = k * p.M;
     int64_t node = 0;
@@ -227,10 +241,11 @@ void route_token(const Problem& p, int64_t n, int32_t* leaf_out) {
     for (int64_t d = 0; d < levels; ++d) {
       const int64_t row = base + node;
       prefetch_floats(p.w_out + row * H, H);
+      if (p.w_up != nullptr) prefetch_floats(p.w_up + row * H, H);
       // both children are adjacent rows (2n+1, 2n+2): fetch them while this level computes
       if (d + 1 < levels) prefetch_floats(p.w_in + (base + 2 * node + 1) * H, 2 * H);
       const float z = dot(x, p.w_in + row * H, H) + p.b_in[row];
-      axpy(y, act<A>(z), p.w_out + row * H, H);
+      axpy(y, act<A>(z) * up(p, x, row), p.w_out + row * H, H);
       node = 2 * node + 1 + (z >= 0.0f ? 1 : 0);
     }
     if (leaf_as_level) continue;
@@ -253,7 +268,7 @@ void route_tokens4(const Problem& p, int64_t n0, int32_t* leaf_out) {
     ys[t] = p.y + (n0 + t) * H;
     start_row(p, ys[t]);
   }
-  const bool leaf_as_level = p.W == 1 && p.gated == 1 && leaf_out == nullptr;
+  const bool leaf_as_level = p.W == 1 && p.activated == 1 && leaf_out == nullptr;
   for (int64_t k = 0; k < p.trees; ++k) {
     const int64_t base = k * p.M;
     int64_t node[4] = {0, 0, 0, 0};
@@ -267,6 +282,7 @@ void route_tokens4(const Problem& p, int64_t n0, int32_t* leaf_out) {
         wi[t] = p.w_in + row[t] * H;
         wo[t] = p.w_out + row[t] * H;
         prefetch_floats(wo[t], H);
+        if (p.w_up != nullptr) prefetch_floats(p.w_up + row[t] * H, H);
         if (d + 1 < levels) prefetch_floats(p.w_in + (base + 2 * node[t] + 1) * H, 2 * H);
       }
       float z[4], a[4];
@@ -275,6 +291,13 @@ void route_tokens4(const Problem& p, int64_t n0, int32_t* leaf_out) {
         z[t] += p.b_in[row[t]];
         a[t] = act<A>(z[t]);
         node[t] = 2 * node[t] + 1 + (z[t] >= 0.0f ? 1 : 0);
+      }
+      if (p.w_up != nullptr) {
+        const float* wu[4];
+        float u[4];
+        for (int t = 0; t < 4; ++t) wu[t] = p.w_up + row[t] * H;
+        dot_pairs4(xs, wu, H, u);
+        for (int t = 0; t < 4; ++t) a[t] *= u[t];
       }
       axpy_pairs4(ys, a, wo, H);
     }
@@ -289,8 +312,25 @@ void route_tokens4(const Problem& p, int64_t n0, int32_t* leaf_out) {
   }
 }
 
+// z[t*W + r] = x_t . w[r] for four tokens and W rows of H floats: each row is read once for the four.
+inline void dots_tokens4(const float* const* xs, const float* w, int64_t W, int64_t H, float* __restrict z) {
+  int64_t r = 0;
+  for (; r + 2 <= W; r += 2) {
+    float o[8];
+    const float* wr = w + r * H;
+    dot_tokens4_rows2(xs, wr, wr + H, H, o);
+    for (int t = 0; t < 4; ++t) {
+      z[t * W + r] = o[2 * t];
+      z[t * W + r + 1] = o[2 * t + 1];
+    }
+  }
+  for (; r < W; ++r) {
+    for (int t = 0; t < 4; ++t) z[t * W + r] = dot(xs[t], w + r * H, H);
+  }
+}
+
 // Leaf phase for four tokens that reached the same leaf (rows row0 ... row0+W-1): every weight row
-// is loaded once for the four tokens. z holds 4*W floats of scratch.
+// is loaded once for the four tokens. z holds 8*W floats of scratch (the second half for w_up).
 template <Act A>
 void leaf_tokens4(const Problem& p, const int32_t* tok, int64_t row0, float* __restrict z) {
   const int64_t H = p.H, W = p.W;
@@ -300,23 +340,14 @@ void leaf_tokens4(const Problem& p, const int32_t* tok, int64_t row0, float* __r
     xs[t] = p.x + int64_t(tok[t]) * H;
     ys[t] = p.y + int64_t(tok[t]) * H;
   }
-  // z[t*W + r] = act(x_t . w_in[row0 + r] + b)
-  int64_t r = 0;
-  for (; r + 2 <= W; r += 2) {
-    float o[8];
-    const float* wi = p.w_in + (row0 + r) * H;
-    dot_tokens4_rows2(xs, wi, wi + H, H, o);
-    for (int t = 0; t < 4; ++t) {
-      z[t * W + r] = o[2 * t];
-      z[t * W + r + 1] = o[2 * t + 1];
-    }
-  }
-  for (; r < W; ++r) {
-    const float* wi = p.w_in + (row0 + r) * H;
-    for (int t = 0; t < 4; ++t) z[t * W + r] = dot(xs[t], wi, H);
-  }
+  dots_tokens4(xs, p.w_in + row0 * H, W, H, z);  // then z[t*W + q] = act(z + b) (times x_t . w_up)
   for (int t = 0; t < 4; ++t) {
     for (int64_t q = 0; q < W; ++q) z[t * W + q] = leaf_act<A>(p, z[t * W + q] + p.b_in[row0 + q], q);
+  }
+  if (p.w_up != nullptr) {
+    float* __restrict u = z + 4 * W;
+    dots_tokens4(xs, p.w_up + row0 * H, W, H, u);
+    for (int64_t i = 0; i < 4 * W; ++i) z[i] *= u[i];
   }
   add_rows_tokens4(ys, z, W, p.w_out + row0 * H, H);
 }
@@ -336,19 +367,20 @@ void leaf_gemm(const Problem& p, const int32_t* tokens, int64_t count, int64_t r
   const at::Tensor index = at::from_blob(ids.data(), {count}, at::TensorOptions().dtype(at::kLong));
   const at::Tensor xs = at::index_select(view(p.x, {p.N, p.H}), 0, index);
   at::Tensor z = at::addmm(view(p.b_in + row0, {p.W}), xs, view(p.w_in + row0 * p.H, {p.W, p.H}).t());
-  // ATen's vectorised activations (the same functions as act<A>, which is scalar), on the gated
+  // ATen's vectorised activations (the same functions as act<A>, which is scalar), on the activated
   // neurons only: the linear ones keep z.
-  at::Tensor gated = p.gated < p.W ? z.narrow(1, 0, p.gated) : z;
-  if (p.gated == 0) {
+  at::Tensor activated = p.activated < p.W ? z.narrow(1, 0, p.activated) : z;
+  if (p.activated == 0) {
   } else if constexpr (A == Act::Gelu) {
-    at::gelu_(gated);
+    at::gelu_(activated);
   } else if constexpr (A == Act::GeluTanh) {
-    at::gelu_(gated, "tanh");
+    at::gelu_(activated, "tanh");
   } else if constexpr (A == Act::Relu) {
-    at::relu_(gated);
+    at::relu_(activated);
   } else {
-    at::silu_(gated);
+    at::silu_(activated);
   }
+  if (p.w_up != nullptr) z.mul_(at::mm(xs, view(p.w_up + row0 * p.H, {p.W, p.H}).t()));
   const at::Tensor out = at::mm(z, view(p.w_out + row0 * p.H, {p.W, p.H}));
   const float* op = out.const_data_ptr<float>();
   for (int64_t i = 0; i < count; ++i) {
@@ -450,7 +482,7 @@ void fff_all(const Problem& p) {
     const int64_t n_items = static_cast<int64_t>(items.size()) / 3;
 #pragma omp parallel num_threads(nthreads) if (nthreads > 1 && n_items > 1)
     {
-      std::vector<float> scratch(4 * p.W);
+      std::vector<float> scratch(8 * p.W);
 #pragma omp for schedule(dynamic, 1)
       for (int64_t it = 0; it < n_items; ++it) {
         const int64_t leaf = items[3 * it], b = items[3 * it + 1], e = items[3 * it + 2];
@@ -466,18 +498,25 @@ void fff_all(const Problem& p) {
   }
 }
 
+bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
 bool all_float_cpu(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& b_in,
-                   const at::Tensor& w_out, const std::optional<at::Tensor>& b_out) {
+                   const at::Tensor& w_out, const std::optional<at::Tensor>& b_out,
+                   const std::optional<at::Tensor>& w_up) {
   for (const at::Tensor* t : {&x, &w_in, &b_in, &w_out}) {
     if (!t->device().is_cpu() || t->scalar_type() != at::kFloat) return false;
   }
-  return !b_out.has_value() || !b_out->defined() || (b_out->device().is_cpu() && b_out->scalar_type() == at::kFloat);
+  for (const std::optional<at::Tensor>* t : {&b_out, &w_up}) {
+    if (present(*t) && (!(*t)->device().is_cpu() || (*t)->scalar_type() != at::kFloat)) return false;
+  }
+  return true;
 }
 
 at::Tensor fff_forward_impl(const at::Tensor& x_, const at::Tensor& w_in_, const at::Tensor& b_in_,
                             const at::Tensor& w_out_, int64_t trees, int64_t depth,
                             int64_t leaf_width, std::string_view activation,
-                            const std::optional<at::Tensor>& b_out_, int64_t leaf_linear) {
+                            const std::optional<at::Tensor>& b_out_, int64_t leaf_linear,
+                            const std::optional<at::Tensor>& w_up_) {
   const Act a = parse_act(activation, "fff");
   TORCH_CHECK_VALUE(x_.dim() == 2, "fff: x must be 2-D (N, H), got ", x_.sizes());
   TORCH_CHECK_VALUE(trees >= 1 && depth >= 0 && depth <= 30 && leaf_width >= 1,
@@ -492,17 +531,24 @@ at::Tensor fff_forward_impl(const at::Tensor& x_, const at::Tensor& w_in_, const
                     "fff: w_out must be (", trees * M, ", ", H, "), got ", w_out_.sizes());
   TORCH_CHECK_VALUE(b_in_.dim() == 1 && b_in_.size(0) == trees * M, "fff: b_in must be (",
                     trees * M, ",), got ", b_in_.sizes());
-  const bool has_b_out = b_out_.has_value() && b_out_->defined();
+  const bool gated = present(w_up_);
+  TORCH_CHECK_VALUE(!gated || (w_up_->dim() == 2 && w_up_->size(0) == trees * M && w_up_->size(1) == H),
+                    "fff: w_up must be (", trees * M, ", ", H, ") like w_in, got ", gated ? w_up_->sizes() : at::IntArrayRef());
+  TORCH_CHECK_VALUE(!gated || leaf_linear == 0, "fff: gated trees (w_up given) have no linear leaf neurons; "
+                    "need leaf_linear = 0 (got ", leaf_linear, ")");
+  const bool has_b_out = present(b_out_);
   TORCH_CHECK_VALUE(!has_b_out || (b_out_->dim() == 1 && b_out_->size(0) == H), "fff: b_out must be (", H,
                     ",), got ", has_b_out ? b_out_->sizes() : at::IntArrayRef());
-  TORCH_CHECK(all_float_cpu(x_, w_in_, b_in_, w_out_, b_out_), "fff native kernel: float32 CPU tensors only");
+  TORCH_CHECK(all_float_cpu(x_, w_in_, b_in_, w_out_, b_out_, w_up_), "fff native kernel: float32 CPU tensors only");
   const at::Tensor x = x_.contiguous(), w_in = w_in_.contiguous(), b_in = b_in_.contiguous(),
-                   w_out = w_out_.contiguous(), b_out = has_b_out ? b_out_->contiguous() : at::Tensor();
+                   w_out = w_out_.contiguous(), b_out = has_b_out ? b_out_->contiguous() : at::Tensor(),
+                   w_up = gated ? w_up_->contiguous() : at::Tensor();
   at::Tensor y = at::empty({N, H}, x.options());
   if (N == 0 || H == 0) return y;
   const int64_t I = (int64_t(1) << depth) - 1;
   const Problem p{x.const_data_ptr<float>(), w_in.const_data_ptr<float>(), b_in.const_data_ptr<float>(),
-                  w_out.const_data_ptr<float>(), has_b_out ? b_out.const_data_ptr<float>() : nullptr,
+                  w_out.const_data_ptr<float>(), gated ? w_up.const_data_ptr<float>() : nullptr,
+                  has_b_out ? b_out.const_data_ptr<float>() : nullptr,
                   y.mutable_data_ptr<float>(),
                   N, H, trees, depth, leaf_width, I, M, leaf_width - leaf_linear};
   auto run = [&] {
@@ -524,20 +570,20 @@ at::Tensor fff_forward_impl(const at::Tensor& x_, const at::Tensor& w_in_, const
 at::Tensor fff_cpu_kernel(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& b_in,
                           const at::Tensor& w_out, int64_t trees, int64_t depth, int64_t leaf_width,
                           c10::string_view activation, const std::optional<at::Tensor>& b_out,
-                          int64_t leaf_linear) {
-  if (ccli_op::native_enabled() && all_float_cpu(x, w_in, b_in, w_out, b_out)) {
+                          int64_t leaf_linear, const std::optional<at::Tensor>& w_up) {
+  if (ccli_op::native_enabled() && all_float_cpu(x, w_in, b_in, w_out, b_out, w_up)) {
     return fff_forward_impl(x, w_in, b_in, w_out, trees, depth, leaf_width,
-                            std::string_view(activation.data(), activation.size()), b_out, leaf_linear);
+                            std::string_view(activation.data(), activation.size()), b_out, leaf_linear, w_up);
   }
   return ccli_op::call_fallback("ccli::fff", x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out,
-                                leaf_linear);
+                                leaf_linear, w_up);
 }
 
 at::Tensor fff_forward(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& b_in,
                        const at::Tensor& w_out, int64_t trees, int64_t depth, int64_t leaf_width,
                        const std::string& activation, const std::optional<at::Tensor>& b_out,
-                       int64_t leaf_linear) {
-  return fff_forward_impl(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out, leaf_linear);
+                       int64_t leaf_linear, const std::optional<at::Tensor>& w_up) {
+  return fff_forward_impl(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out, leaf_linear, w_up);
 }
 
 }  // namespace
@@ -551,6 +597,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fff_forward", &fff_forward, "FFF forward (float32, CPU); no dispatcher", pybind11::arg("x"),
         pybind11::arg("w_in"), pybind11::arg("b_in"), pybind11::arg("w_out"), pybind11::arg("trees"),
         pybind11::arg("depth"), pybind11::arg("leaf_width"), pybind11::arg("activation"),
-        pybind11::arg("b_out") = pybind11::none(), pybind11::arg("leaf_linear") = 0);
+        pybind11::arg("b_out") = pybind11::none(), pybind11::arg("leaf_linear") = 0,
+        pybind11::arg("w_up") = pybind11::none());
   ccli_op::def_dispatch(m);
 }

@@ -2,7 +2,9 @@
 
 One program per token: it keeps the token's x and its output y in BLOCK_H-wide registers (masked, so
 any H works), walks the `depth` internal nodes of each tree one row at a time, then evaluates the
-reached leaf in tiles of BLOCK_W neurons (the last LEAF_LINEAR of them skip the activation). Weights are read in their stored dtype and accumulated in fp32.
+reached leaf in tiles of BLOCK_W neurons (the last LEAF_LINEAR of them skip the activation). Gated
+trees (GATED) read each neuron's w_up row next to its w_in row and multiply act(z) by x.w_up. Weights
+are read in their stored dtype and accumulated in fp32.
 
 How triton is imported and kernels built (and run on CPU tensors in the interpreter): see
 ccli.kernels.triton_support.
@@ -40,6 +42,7 @@ def _fff_kernel_src(
     w_in_ptr,
     b_in_ptr,
     w_out_ptr,
+    w_up_ptr,
     b_out_ptr,
     y_ptr,
     H,
@@ -48,11 +51,12 @@ def _fff_kernel_src(
     TREES,
     DEPTH,
     LEAF_WIDTH,
-    LEAF_GATED,
+    LEAF_ACTIVATED,
     ROWS_PER_TREE,
     N_INTERNAL,
     ACT: tl.constexpr,  # noqa: F821
     HAS_B_OUT: tl.constexpr,  # noqa: F821
+    GATED: tl.constexpr,  # noqa: F821
     BLOCK_H: tl.constexpr,  # noqa: F821
     BLOCK_W: tl.constexpr,  # noqa: F821
 ):
@@ -74,6 +78,9 @@ def _fff_kernel_src(
             w = tl.load(w_in_ptr + row * H + offs_h, mask=mask_h, other=0.0).to(tl.float32)  # noqa: F821
             z = tl.sum(w * x, axis=0) + tl.load(b_in_ptr + row).to(tl.float32)  # noqa: F821
             a = _act(z, ACT)  # noqa: F821
+            if GATED:
+                wu = tl.load(w_up_ptr + row * H + offs_h, mask=mask_h, other=0.0).to(tl.float32)  # noqa: F821
+                a = a * tl.sum(wu * x, axis=0)  # noqa: F821
             wo = tl.load(w_out_ptr + row * H + offs_h, mask=mask_h, other=0.0).to(tl.float32)  # noqa: F821
             acc += a * wo
             node = 2 * node + 1 + (z >= 0).to(tl.int64)  # noqa: F821
@@ -87,7 +94,10 @@ def _fff_kernel_src(
             wt = tl.load(w_in_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # noqa: F821
             bias = tl.load(b_in_ptr + rows, mask=mask_w, other=0.0).to(tl.float32)  # noqa: F821
             z = tl.sum(wt * x[None, :], axis=1) + bias  # noqa: F821
-            a = tl.where(mask_w, tl.where(rw < LEAF_GATED, _act(z, ACT), z), 0.0)  # noqa: F821
+            a = tl.where(mask_w, tl.where(rw < LEAF_ACTIVATED, _act(z, ACT), z), 0.0)  # noqa: F821
+            if GATED:
+                wu = tl.load(w_up_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # noqa: F821
+                a = a * tl.sum(wu * x[None, :], axis=1)  # noqa: F821
             wo = tl.load(w_out_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # noqa: F821
             acc += tl.sum(a[:, None] * wo, axis=0)  # noqa: F821
     tl.store(y_ptr + pid * stride_y + offs_h, acc.to(y_ptr.dtype.element_ty), mask=mask_h)  # noqa: F821
@@ -107,6 +117,7 @@ def fff_triton(
     activation: str,
     b_out: torch.Tensor | None = None,
     leaf_linear: int = 0,
+    w_up: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """FFF forward with the Triton kernel; x is (N, H). Arguments are validated by the caller."""
     require_triton()
@@ -124,6 +135,8 @@ def fff_triton(
     w_out = w_out.contiguous()
     has_b_out = b_out is not None
     b_out = b_out.contiguous() if has_b_out else x  # any pointer: the kernel never reads it without HAS_B_OUT
+    gated = w_up is not None
+    w_up = w_up.contiguous() if gated else w_in  # likewise without GATED
     block_h = next_pow2(hidden)
     # A BLOCK_W x BLOCK_H tile of weights lives in registers: keep it around 4K elements.
     block_w = max(1, min(next_pow2(leaf_width), max(1, 4096 // block_h)))
@@ -133,6 +146,7 @@ def fff_triton(
         w_in,
         b_in,
         w_out,
+        w_up,
         b_out,
         y,
         hidden,
@@ -146,6 +160,7 @@ def fff_triton(
         n_internal,
         ACT=activation,
         HAS_B_OUT=has_b_out,
+        GATED=gated,
         BLOCK_H=block_h,
         BLOCK_W=block_w,
         num_warps=num_warps,

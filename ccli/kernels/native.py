@@ -342,9 +342,10 @@ def fff_native(
     activation: str,
     b_out: torch.Tensor | None = None,
     leaf_linear: int = 0,
+    w_up: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """FFF forward with the native kernel (float32 CPU tensors; x is (N, H)). Raises if unavailable."""
     ext = load()
     if ext is None:
         raise RuntimeError(f"native FFF kernel unavailable: {FFF.failure}")
-    return ext.fff_forward(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out, leaf_linear)
+    return ext.fff_forward(x, w_in, b_in, w_out, trees, depth, leaf_width, activation, b_out, leaf_linear, w_up)

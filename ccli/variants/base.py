@@ -234,7 +234,7 @@ class FFNVariant(Variant):
         self.check_dense(dense)
         return [Unit(str(block), block, "ffn", ffn.paths[0], dense,
                      lambda x, seed: self.init_from_dense(dense, x, seed), ffn.replace,
-                     {**self.spec(), "activation": dense.activation})]
+                     {**self.spec(), "activation": dense.activation, "gated": dense.gated})]
 
     @classmethod
     def restore(cls, arch, key: str, spec: dict) -> nn.Module:

@@ -8,6 +8,11 @@ neurons (no activation): together a rank-R linear map of the leaf's own, which s
 the dense neurons the leaf leaves out add on the tokens that reach it, at the cost of R neurons.
 The trees' outputs are summed, plus the dense FFN's output bias.
 
+Gated FFNs (LLaMA family: neurons act(gate.x) * up.x) give gated trees: every neuron, node or leaf,
+is a gate/up pair under one output row, and a node routes by the sign of its gate pre-activation.
+`linear_up` (K*M, H), without bias, holds the up rows; leaves start from the dense neurons' gate, up
+and down rows; node neurons get a random up row and a zero output row (no linear leaf neurons).
+
 Weights keep UltraFastBERT's layout: `linear_in` (K*M, H) with bias and `linear_out` (H, K*M)
 without bias, where M = 2^D - 1 + 2^D * W and node n of tree k is row k*M + n, so a published
 UltraFastBERT layer loads unchanged (`FFF.from_ultrafastbert`).
@@ -69,19 +74,23 @@ class FFF(ConvertedModule):
     unit_kind = "ffn"
 
     def __init__(self, hidden_size: int, trees: int = 1, depth: int = 11, leaf_width: int = 1,
-                 activation: str = "gelu", output_bias: bool = True, leaf_linear: int = 0):
+                 activation: str = "gelu", output_bias: bool = True, leaf_linear: int = 0, gated: bool = False):
         super().__init__()
         if trees < 1 or depth < 0 or leaf_width < 1:
             raise CcliError(f"FFF needs trees >= 1, depth >= 0 and leaf width >= 1 (got {trees}, {depth}, {leaf_width})")
         _check_size(trees, depth)
         if not 0 <= leaf_linear <= leaf_width:
             raise CcliError(f"FFF leaf-linear must be from 0 to the leaf width {leaf_width} (got {leaf_linear})")
+        if gated and leaf_linear:
+            raise CcliError("fff: gated trees have no linear leaf neurons (--leaf-linear is for ungated FFNs)")
+        self.gated = gated
         self.hidden_size, self.trees, self.depth, self.leaf_width = hidden_size, trees, depth, leaf_width
         self.leaf_linear = leaf_linear
         self.activation = activation
         self.per_tree = neurons_per_tree(depth, leaf_width)
         self.linear_in = nn.Linear(hidden_size, trees * self.per_tree, bias=True)
         self.linear_out = nn.Linear(trees * self.per_tree, hidden_size, bias=False)
+        self.linear_up = nn.Linear(hidden_size, trees * self.per_tree, bias=False) if gated else None
         self.output_bias = nn.Parameter(torch.zeros(hidden_size)) if output_bias else None
         self._kernel_cache: tuple | None = None
 
@@ -97,7 +106,7 @@ class FFF(ConvertedModule):
     def extra_repr(self) -> str:
         linear = f" ({self.leaf_linear} linear)" if self.leaf_linear else ""
         return (f"hidden={self.hidden_size}, trees={self.trees}, depth={self.depth}, leaf_width={self.leaf_width}{linear}, "
-                f"activation={self.activation}, neurons/token={self.neurons_per_token} of {self.total_neurons}")
+                f"activation={self.activation}{', gated' if self.gated else ''}, neurons/token={self.neurons_per_token} of {self.total_neurons}")
 
     @classmethod
     def from_ultrafastbert(cls, linear_in_weight, linear_in_bias, linear_out_weight, *, trees: int, depth: int,
@@ -134,7 +143,10 @@ class FFF(ConvertedModule):
     def routed_activations(self, x2d: torch.Tensor) -> torch.Tensor:
         """Neuron outputs on the visited neurons, 0 elsewhere: (tokens, K*M). Dense cost; for training and stats."""
         z = self.linear_in(x2d)
-        return self.activations(z) * self.route_mask(z)
+        h = self.activations(z)
+        if self.gated:
+            h = h * self.linear_up(x2d)
+        return h * self.route_mask(z)
 
     def neuron_counts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(computed, positive) neurons per token, measured from the actual routing."""
@@ -149,7 +161,8 @@ class FFF(ConvertedModule):
     # -- forward -------------------------------------------------------------------------------
     def _kernel_weights(self) -> tuple:
         """(w_in, b_in, w_out, b_out) in the kernel's layout. Only w_out differs from the parameters
-        (linear_out's weight as contiguous rows (K*M, H)); that copy is cached while the weight is
+        (linear_out's weight as contiguous rows (K*M, H)); w_up, the up rows of gated trees (or None), is
+        linear_up's weight as it is. The copy of w_out is cached while the weight is
         unchanged: the same object (the cache holds it, so its id stays its own), at the same version
         and address. It reads the parameter dicts directly and checks one tensor because on one token
         nn.Module attribute lookups and version checks cost as much as the kernel. Inference tensors
@@ -157,11 +170,12 @@ class FFF(ConvertedModule):
         replacements and moves are seen, as they cannot change outside inference mode."""
         linear_in = self._modules["linear_in"]._parameters
         w_out = self._modules["linear_out"]._parameters["weight"]
+        w_up = self._modules["linear_up"]._parameters["weight"] if self.gated else None
         key = (id(w_out), -1 if w_out.is_inference() else w_out._version, w_out.data_ptr())
         cache = self._kernel_cache
         if cache is None or cache[0] != key:
             cache = self._kernel_cache = (key, w_out.detach().t().contiguous(), w_out)
-        return linear_in["weight"], linear_in["bias"], cache[1], self._parameters.get("output_bias")
+        return linear_in["weight"], linear_in["bias"], cache[1], self._parameters.get("output_bias"), w_up
 
     def _masked_training_output(self, x2d: torch.Tensor) -> torch.Tensor:
         """Every neuron computed, the unvisited ones masked out: (tokens, H), without output bias."""
@@ -177,20 +191,27 @@ class FFF(ConvertedModule):
         w_in = self.linear_in.weight.view(self.trees, self.per_tree, -1).unbind(0)
         b_in = self.linear_in.bias.view(self.trees, self.per_tree).unbind(0)
         w_out = self.linear_out.weight.view(-1, self.trees, self.per_tree).unbind(1)
+        w_up = self.linear_up.weight.view(self.trees, self.per_tree, -1).unbind(0) if self.gated else None
         y = x2d.new_zeros(tokens, self.hidden_size)
         for k in range(self.trees):
             z = nn.functional.linear(x2d, w_in[k][:internal], b_in[k][:internal])
             path, leaf = walk(z.detach(), self.depth)
             if internal:
-                y = y + nn.functional.linear(apply_activation(z, self.activation) * path, w_out[k][:, :internal])
+                h = apply_activation(z, self.activation)
+                if self.gated:
+                    h = h * nn.functional.linear(x2d, w_up[k][:internal])
+                y = y + nn.functional.linear(h * path, w_out[k][:, :internal])
             leaf_w_in = w_in[k][internal:].view(leaves, self.leaf_width, -1).unbind(0)
             leaf_b_in = b_in[k][internal:].view(leaves, self.leaf_width).unbind(0)
             leaf_w_out = w_out[k][:, internal:].reshape(-1, leaves, self.leaf_width).unbind(1)
+            leaf_w_up = w_up[k][internal:].view(leaves, self.leaf_width, -1).unbind(0) if self.gated else None
             counts = torch.bincount(leaf, minlength=leaves).tolist()
             for j, members in enumerate(torch.split(torch.argsort(leaf), counts)):
                 if counts[j]:
                     z_leaf = nn.functional.linear(x2d[members], leaf_w_in[j], leaf_b_in[j])
                     h = leaf_activations(z_leaf, lambda v: apply_activation(v, self.activation), self.leaf_linear)
+                    if self.gated:
+                        h = h * nn.functional.linear(x2d[members], leaf_w_up[j])
                     y = y.index_add(0, members, nn.functional.linear(h, leaf_w_out[j]))
         return y
 
@@ -202,8 +223,9 @@ class FFF(ConvertedModule):
             else:
                 y = self._masked_training_output(x2d).view_as(x)
             return y if self.output_bias is None else y + self.output_bias
-        w_in, b_in, w_out, b_out = self._kernel_weights()
-        return fff(x, w_in, b_in, w_out, self.trees, self.depth, self.leaf_width, self.activation, b_out, self.leaf_linear)
+        w_in, b_in, w_out, b_out, w_up = self._kernel_weights()
+        return fff(x, w_in, b_in, w_out, self.trees, self.depth, self.leaf_width, self.activation, b_out, self.leaf_linear,
+                   w_up)
 
 
 # -- conversion from a dense FFN ------------------------------------------------------------------
@@ -369,8 +391,10 @@ class FFFVariant(FFNVariant):
     config = FFFConfig
 
     def check_dense(self, dense: DenseFFN) -> None:
-        if dense.gated:
-            raise CcliError("fff: gated FFNs (LLaMA family) are not supported yet: their neurons are act(gate)*up pairs")
+        if dense.gated and dense.b_in is not None:
+            raise CcliError("fff: gated FFNs whose up projection has a bias are not supported")
+        if dense.gated and self.params["leaf_linear"]:
+            raise CcliError("fff: --leaf-linear is for ungated FFNs (gated trees have no linear leaf neurons)")
         trees = self.params["trees"]
         if trees > dense.width:  # each tree starts from its own group of the dense neurons
             raise CcliError(f"fff: {trees} trees for an FFN of {dense.width} neurons; each tree needs at least one, "
@@ -379,14 +403,14 @@ class FFFVariant(FFNVariant):
     @classmethod
     def skeleton(cls, hidden_size: int, spec: dict) -> FFF:
         return FFF(hidden_size, spec["trees"], spec["depth"], spec["leaf_width"], spec["activation"],
-                   leaf_linear=spec.get("leaf_linear", 0))
+                   leaf_linear=spec.get("leaf_linear", 0), gated=spec.get("gated", False))
 
     def init_from_dense(self, dense: DenseFFN, x: torch.Tensor, seed: int) -> FFF:
         trees, depth, leaf_width = self.params["trees"], self.params["depth"], self.params["leaf_width"]
         linear = self.params["leaf_linear"]
-        gated = leaf_width - linear
+        activated = leaf_width - linear  # leaf neurons that take the activation
         torch.manual_seed(seed)
-        layer = FFF(dense.hidden_size, trees, depth, leaf_width, dense.activation, leaf_linear=linear)
+        layer = FFF(dense.hidden_size, trees, depth, leaf_width, dense.activation, leaf_linear=linear, gated=dense.gated)
         with torch.no_grad():
             # how much each dense neuron moves each token's output: |activation| x |output column|
             contribution = dense.activations(x).abs() * dense.w_out.norm(dim=0)
@@ -394,17 +418,26 @@ class FFFVariant(FFNVariant):
         w_in = layer.linear_in.weight.data.view(trees, layer.per_tree, -1)
         b_in = layer.linear_in.bias.data.view(trees, layer.per_tree)
         w_out = layer.linear_out.weight.data.view(-1, trees, layer.per_tree)
+        # the activated rows: a gated FFN's gate rows (its w_in, without bias, is the up projection)
+        act_w, act_b = (dense.w_gate, dense.b_gate) if dense.gated else (dense.w_in, dense.b_in)
+        if dense.gated:
+            w_up = layer.linear_up.weight.data.view(trees, layer.per_tree, -1)
+            # node neurons: a random up row as long as a typical dense one (their output rows start at
+            # zero, so they add nothing until distillation trains them, and a zero up row never would)
+            w_up.copy_(nn.functional.normalize(torch.randn_like(w_up), dim=-1) * dense.w_in.norm(dim=1).median())
         leaf_rows = torch.arange(2**depth * leaf_width).view(2**depth, leaf_width)
-        gated_rows = internal + leaf_rows[:, :gated].reshape(-1)
+        activated_rows = internal + leaf_rows[:, :activated].reshape(-1)
         for k, group in enumerate(_neuron_groups(contribution, trees)):
-            router_w, router_b, leaves = _grow_tree(x, contribution[:, group], depth, max(gated, 1))
-            chosen = group[leaves[:, :gated].reshape(-1)]  # dense neuron for every gated leaf slot of this tree
+            router_w, router_b, leaves = _grow_tree(x, contribution[:, group], depth, max(activated, 1))
+            chosen = group[leaves[:, :activated].reshape(-1)]  # dense neuron for every activated leaf slot of this tree
             w_in[k, :internal] = router_w
             b_in[k, :internal] = router_b
             w_out[:, k, :internal] = 0.0  # node neurons start silent; distillation gives them a voice
-            w_in[k, gated_rows] = dense.w_in[chosen]
-            b_in[k, gated_rows] = dense.b_in[chosen] if dense.b_in is not None else 0.0
-            w_out[:, k, gated_rows] = dense.w_out[:, chosen]
+            w_in[k, activated_rows] = act_w[chosen]
+            b_in[k, activated_rows] = act_b[chosen] if act_b is not None else 0.0
+            w_out[:, k, activated_rows] = dense.w_out[:, chosen]
+            if dense.gated:
+                w_up[k, activated_rows] = dense.w_in[chosen]
         if layer.output_bias is not None and dense.b_out is not None:
             layer.output_bias.data.copy_(dense.b_out)
         if linear:

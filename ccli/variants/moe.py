@@ -289,7 +289,7 @@ class MoEVariant(FFNVariant):
         units = super().units(arch, block)
         for unit in units:
             dense = unit.teacher
-            unit.spec.update(ffn_width=dense.width, gated=dense.gated, bias=dense.b_in is not None,
+            unit.spec.update(ffn_width=dense.width, bias=dense.b_in is not None,
                              output_bias=dense.b_out is not None)
         return units
 
