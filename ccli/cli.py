@@ -210,6 +210,8 @@ def _convert_signature() -> inspect.Signature:
                help="End-to-end loss on the final hidden states (last, default) or on every block's output (all)."),
         option("data", Optional[str], "--data", help="Training text: bundled (its training domains), bundled:NAME[,NAME], a .txt or .jsonl file, or hf:NAME; scored per domain."),
         option("out", Optional[str], "--out", "-o", help="Directory to save the converted model in."),
+        inspect.Parameter("heldout_paragraphs", inspect.Parameter.KEYWORD_ONLY, annotation=int, default=typer.Option(
+            128, "--paragraphs", min=2, help="Held-out paragraphs to score per text domain.")),
         inspect.Parameter("resume", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
             False, "--resume", help="Continue an interrupted conversion into the same --out.")),
         inspect.Parameter("overwrite", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(

@@ -137,6 +137,15 @@ def test_bench_generate_cli_table_and_json(tiny_dirs):
     assert table.exit_code == 0 and "decode tokens/s" in table.stdout and "prefill ms" in table.stdout
 
 
+def test_convert_cli_scores_the_paragraphs_asked_for_with_lm_measures(tiny_dirs):
+    result = CliRunner().invoke(app, ["convert", tiny_dirs["llama"], "--to", "fff", "--depth", "1", "--leaf-width", "8",
+                                      "--steps", "2", "--e2e-steps", "0", "--tokens", "256", "--paragraphs", "4", "--json"])
+    assert result.exit_code == 0, result.output
+    fidelity = json.loads(result.stdout)[0]["fidelity"]
+    assert all(d["paragraphs"] <= 4 and d["lm_tokens"] > 0 for d in fidelity["domains"])
+    assert fidelity["perplexity_teacher"] > 1 and 0 <= fidelity["top1_agreement"] <= 1
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(generate=0), "--generate must be at least 1"),
     (dict(generate=2, batch=2), "--generate times batch 1"),

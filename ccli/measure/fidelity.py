@@ -52,19 +52,27 @@ def _halves(paragraphs: list[str]) -> tuple[list[str], list[str]]:
     return queries, docs
 
 
-def _encode(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 32):
-    """Mean-pooled normalised embeddings (n, H) and the per-batch outputs."""
-    pooled, outputs = [], []
-    with torch.inference_mode():
-        for start in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[start : start + batch_size], truncation=True, max_length=max_length,
-                            padding=True, return_tensors="pt")
+def _batches(model, tokenizer, texts: list[str], max_length: int, batch_size: int = 32):
+    """Per batch of `texts`: (tokenised batch, last hidden states in fp32, logits or None), one batch
+    at a time (an LM's logits for every text at once would take gigabytes)."""
+    for start in range(0, len(texts), batch_size):
+        enc = tokenizer(texts[start : start + batch_size], truncation=True, max_length=max_length,
+                        padding=True, return_tensors="pt")
+        with torch.inference_mode():  # not held across the yield: two of these generators run interleaved
             out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], output_hidden_states=True)
-            hidden = out.hidden_states[-1].float()  # fp16/bf16 models are compared in fp32
-            mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-            pooled.append(nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp_min(1), dim=-1))
-            outputs.append((enc, hidden, getattr(out, "logits", None)))
-    return torch.cat(pooled), outputs
+        # fp16/bf16 models are compared in fp32
+        yield enc, out.hidden_states[-1].float(), getattr(out, "logits", None)
+
+
+def _pooled(enc, hidden: torch.Tensor) -> torch.Tensor:
+    """Mean-pooled normalised embeddings of a batch's real tokens (n, H)."""
+    mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    return nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1).clamp_min(1), dim=-1)
+
+
+def _encode(model, tokenizer, texts: list[str], max_length: int) -> torch.Tensor:
+    """Mean-pooled normalised embeddings (n, H) of `texts`."""
+    return torch.cat([_pooled(enc, hidden) for enc, hidden, _ in _batches(model, tokenizer, texts, max_length)])
 
 
 def ffn_fidelity(student: nn.Module, teacher: nn.Module, batches: list[dict]) -> dict:
@@ -95,16 +103,17 @@ def compare(student: nn.Module, teacher: nn.Module, tokenizer, paragraphs: list[
     queries, docs = _halves(paragraphs)
     if len(queries) < 2:
         raise CcliError("fidelity needs at least two held-out paragraphs of 8 or more words")
-    t_query, t_out = _encode(teacher, tokenizer, queries, max_length)
-    s_query, s_out = _encode(student, tokenizer, queries, max_length)
-    t_docs, _ = _encode(teacher, tokenizer, docs, max_length)
-    s_docs, _ = _encode(student, tokenizer, docs, max_length)
+    t_docs, s_docs = _encode(teacher, tokenizer, docs, max_length), _encode(student, tokenizer, docs, max_length)
     short = [" ".join(q.split()[:SHORT_WORDS]) for q in queries]
-    short_cos = nn.functional.cosine_similarity(_encode(teacher, tokenizer, short, max_length)[0],
-                                                _encode(student, tokenizer, short, max_length)[0], dim=-1)
+    short_cos = nn.functional.cosine_similarity(_encode(teacher, tokenizer, short, max_length),
+                                                _encode(student, tokenizer, short, max_length), dim=-1)
 
-    cos_tokens, kl_sum, nll_t, nll_s, lm_tokens, top1_same = [], 0.0, 0.0, 0.0, 0, 0
-    for (enc, t_hidden, t_logits), (_, s_hidden, s_logits) in zip(t_out, s_out):
+    # the queries: teacher and student batch by batch, each batch's measures taken before the next
+    t_query, s_query, cos_tokens, kl_sum, nll_t, nll_s, lm_tokens, top1_same = [], [], [], 0.0, 0.0, 0.0, 0, 0
+    for (enc, t_hidden, t_logits), (_, s_hidden, s_logits) in zip(_batches(teacher, tokenizer, queries, max_length),
+                                                                   _batches(student, tokenizer, queries, max_length)):
+        t_query.append(_pooled(enc, t_hidden))
+        s_query.append(_pooled(enc, s_hidden))
         real = enc["attention_mask"].bool()
         cos_tokens.append(nn.functional.cosine_similarity(t_hidden[real], s_hidden[real], dim=-1))
         if t_logits is not None:
@@ -117,6 +126,7 @@ def compare(student: nn.Module, teacher: nn.Module, tokenizer, paragraphs: list[
             nll_s -= s_logp.gather(1, target[:, None]).sum().item()
             top1_same += (t_logp.argmax(-1) == s_logp.argmax(-1)).sum().item()
             lm_tokens += target.numel()
+    t_query, s_query = torch.cat(t_query), torch.cat(s_query)
 
     t_top = (t_query @ t_docs.T).argmax(1)
     s_top = (s_query @ s_docs.T).argmax(1)
