@@ -20,7 +20,7 @@ from torch import nn
 from transformers import AutoTokenizer
 
 import ccli
-from ccli.api import bench, profile
+from ccli.api import bench, bench_layer, profile
 from ccli.arch import view
 from ccli.conversion import convert
 from ccli.errors import CcliError
@@ -149,6 +149,11 @@ def test_a_llama_model_converts_to_gated_fff_saves_reloads_bit_identically_and_b
                         **{**BUDGET, "steps": 0, "e2e_steps": 0})
     for block, error in errors.items():
         assert error < untrained["fidelity"]["ffn_rel_error"][block]
+    # one layer timed against the model's own gated dense FFN, with the gated FLOP count
+    rows = bench_layer(str(out), to="fff", tokens=[1, 5], min_run_time=0.02)
+    dense, *kernels = [r for r in rows if r["tokens"] == 5]
+    assert dense["kernel"] == "dense" and dense["macs_per_token"] == 3 * HIDDEN * 64
+    assert {r["macs_per_token"] for r in kernels} == {3 * HIDDEN * (1 + 8)}
 
 
 def test_fff_refuses_linear_leaf_neurons_on_a_gated_ffn_in_one_line(tiny_llama):
