@@ -213,15 +213,8 @@ def _fff_layer_case(source, hidden, width, trees, depth, leaf_width):
     from .variants.fff import FFF
 
     if source is not None:
-        loaded = _as_loaded(source, False)
-        found = [(i, b.ffn.replaced) for i, b in enumerate(view(loaded.model).blocks) if isinstance(b.ffn.replaced, FFF)]
-        if not found:
-            raise CcliError(f"'{loaded.name}' has no FFF layer to time; give a directory written by ccli convert --to fff")
-        index, layer = found[0]
-        ffn = view(load(loaded.manifest["base_source"]).model).blocks[index].ffn
-        dense = _DenseFFNModule(ffn)
-        hidden, width = layer.hidden_size, ffn.width
-        name = f"{loaded.name} layer {index} FFN"
+        name, layer, dense, width = _converted_ffn(source, FFF, "fff")
+        hidden = layer.hidden_size
     else:
         if min(hidden, width, trees, leaf_width) < 1 or depth < 0:
             raise CcliError("--hidden, --width, --trees and --leaf-width must be >= 1 and --depth >= 0")
@@ -229,11 +222,8 @@ def _fff_layer_case(source, hidden, width, trees, depth, leaf_width):
         layer = FFF(hidden, trees, depth, leaf_width)
         dense = nn.Sequential(nn.Linear(hidden, width), nn.GELU(), nn.Linear(width, hidden))
         name = f"random fff trees={trees} depth={depth} leaf_width={leaf_width}"
-    per_neuron = (3 if layer.gated else 2) * hidden  # gate, up and down rows, or in and out
-    work = {"kernel": {"neurons_per_token": layer.neurons_per_token, "macs_per_token": per_neuron * layer.neurons_per_token,
-                       "adds_per_token": 0},
-            "dense": {"neurons_per_token": width, "macs_per_token": per_neuron * width, "adds_per_token": 0}}
-    return name, hidden, layer, dense, kernels, work
+    macs = kernels.fff_macs(1, hidden, layer.trees, layer.depth, layer.leaf_width, layer.gated)
+    return name, hidden, layer, dense, kernels, _ffn_work(layer.neurons_per_token, macs, hidden, width, layer.gated)
 
 
 def _ternary_layer_case(source, hidden, width, act_bits):
@@ -271,15 +261,36 @@ def _ternary_layer_case(source, hidden, width, act_bits):
 
 
 class _DenseFFNModule(torch.nn.Module):
-    """A model's dense FFN alone, from its view: output(act(inputs[0](x)) [* inputs[1](x) when gated])."""
+    """A model's dense FFN alone as a module, so that it can be moved and timed: `FFNView.run` on the
+    view's own linears (registered here so that .to() moves them)."""
 
     def __init__(self, ffn):
         super().__init__()
-        self.inputs, self.act, self.output = torch.nn.ModuleList(ffn.inputs), ffn.act, ffn.output
+        self.ffn, self.parts = ffn, torch.nn.ModuleList([*ffn.inputs, ffn.output])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.act(self.inputs[0](x))
-        return self.output(h * self.inputs[1](x) if len(self.inputs) == 2 else h)
+        return self.ffn.run(x)
+
+
+def _converted_ffn(source, cls, family: str):
+    """The first FFN of converted model `source` that is a `cls` layer: (name, layer, the base model's
+    dense FFN there as a module, its width)."""
+    loaded = _as_loaded(source, False)
+    found = [(i, b.ffn.replaced) for i, b in enumerate(view(loaded.model).blocks) if isinstance(b.ffn.replaced, cls)]
+    if not found:
+        raise CcliError(f"'{loaded.name}' has no {cls.__name__} layer to time; give a directory written by "
+                        f"ccli convert --to {family}")
+    index, layer = found[0]
+    ffn = view(load(loaded.manifest["base_source"]).model).blocks[index].ffn
+    return f"{loaded.name} layer {index} FFN", layer, _DenseFFNModule(ffn), ffn.width
+
+
+def _ffn_work(neurons: int, macs: int, hidden: int, width: int, gated: bool) -> dict:
+    """Work per token of a converted FFN layer (its neurons and multiply-accumulates) and of the dense
+    FFN of `width` neurons it stands for (gate, up and down rows per neuron when gated, else in and out)."""
+    return {"kernel": {"neurons_per_token": neurons, "macs_per_token": macs, "adds_per_token": 0},
+            "dense": {"neurons_per_token": width, "macs_per_token": (3 if gated else 2) * hidden * width,
+                      "adds_per_token": 0}}
 
 
 def _moe_layer_case(source, hidden, width, experts, top_k):
@@ -291,15 +302,8 @@ def _moe_layer_case(source, hidden, width, experts, top_k):
     from .variants.moe import MoE
 
     if source is not None:
-        loaded = _as_loaded(source, False)
-        found = [(i, b.ffn.replaced) for i, b in enumerate(view(loaded.model).blocks) if isinstance(b.ffn.replaced, MoE)]
-        if not found:
-            raise CcliError(f"'{loaded.name}' has no MoE layer to time; give a directory written by ccli convert --to moe")
-        index, layer = found[0]
-        ffn = view(load(loaded.manifest["base_source"]).model).blocks[index].ffn
-        dense = _DenseFFNModule(ffn)
-        hidden, width = layer.hidden_size, ffn.width
-        name = f"{loaded.name} layer {index} FFN"
+        name, layer, dense, width = _converted_ffn(source, MoE, "moe")
+        hidden = layer.hidden_size
     else:
         if min(hidden, width, experts, top_k) < 1 or top_k > experts or width % experts:
             raise CcliError("--hidden, --width, --experts and --top-k must be >= 1, --top-k at most --experts, "
@@ -313,12 +317,10 @@ def _moe_layer_case(source, hidden, width, experts, top_k):
             layer.w_out.copy_(dense[2].weight.T)
             layer.output_bias.copy_(dense[2].bias)
         name = f"random moe experts={experts} top_k={top_k}"
+    # the top-k experts and the shared neurons, plus the router
     neurons = layer.top_k * layer.expert_width + layer.shared
-    per_neuron = (3 if layer.gated else 2) * hidden
-    work = {"kernel": {"neurons_per_token": neurons, "macs_per_token": per_neuron * neurons + hidden * layer.experts,
-                       "adds_per_token": 0},
-            "dense": {"neurons_per_token": width, "macs_per_token": per_neuron * width, "adds_per_token": 0}}
-    return name, hidden, layer, dense, kernels, work
+    macs = kernels.moe_macs(1, hidden, neurons, layer.gated) + hidden * layer.experts
+    return name, hidden, layer, dense, kernels, _ffn_work(neurons, macs, hidden, width, layer.gated)
 
 
 def bench_layer(

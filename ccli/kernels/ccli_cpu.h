@@ -1,4 +1,5 @@
-// Vector primitives and activation names shared by the native CPU kernels (fff_cpu.cpp, moe_cpu.cpp).
+// Vector primitives, activation names and argument checks shared by the native CPU kernels (fff_cpu.cpp,
+// moe_cpu.cpp).
 //
 // Plain loops written for the vectoriser (omp simd), and GCC/Clang vector types for the one register-
 // blocked loop both kernels run: four tokens' output rows accumulated 16 columns at a time. Inline
@@ -6,10 +7,12 @@
 
 #pragma once
 
+#include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
 #include <cstdint>
 #include <cstring>
+#include <optional>
 #include <string>
 #include <string_view>
 
@@ -26,6 +29,11 @@ Act parse_act(std::string_view name, const char* op) {
   if (name == "silu") return Act::Silu;
   TORCH_CHECK_VALUE(false, op, ": unknown activation '", std::string(name), "' (gelu, gelu_tanh, relu, silu)");
 }
+
+// Argument checks of the ops' optional tensors: given at all, and a float32 CPU tensor (or absent).
+inline bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+inline bool is_float_cpu(const at::Tensor& t) { return t.device().is_cpu() && t.scalar_type() == at::kFloat; }
+inline bool is_float_cpu(const std::optional<at::Tensor>& t) { return !present(t) || is_float_cpu(*t); }
 
 inline float dot(const float* __restrict a, const float* __restrict b, int64_t n) {
   float acc = 0.0f;

@@ -146,8 +146,7 @@ def fff_reference(
         node = torch.zeros(n, trees, dtype=torch.long, device=dev)
         for _ in range(depth):
             rows = (node + base).reshape(-1)  # (n*K,)
-            z = torch.bmm(w_in.index_select(0, rows).view(n, trees, hidden), xcol).squeeze(-1)
-            z = z + b_in.index_select(0, rows).view(n, trees)
+            z = _rows_dot(w_in, rows, xcol, n, trees) + b_in.index_select(0, rows).view(n, trees)
             a = act(z) if w_up is None else act(z) * _rows_dot(w_up, rows, xcol, n, trees)
             term = torch.bmm(a.unsqueeze(1), w_out.index_select(0, rows).view(n, trees, hidden)).squeeze(1)
             y = term if y is None else y + term
@@ -155,8 +154,7 @@ def fff_reference(
         first = base + n_internal + (node - n_internal) * leaf_width  # (n, K)
         rows = (first.unsqueeze(-1) + leaf_offsets).reshape(-1)  # (n*K*W,)
         width = trees * leaf_width
-        z = torch.bmm(w_in.index_select(0, rows).view(n, width, hidden), xcol).squeeze(-1)
-        z = (z + b_in.index_select(0, rows).view(n, width)).view(n, trees, leaf_width)
+        z = (_rows_dot(w_in, rows, xcol, n, width) + b_in.index_select(0, rows).view(n, width)).view(n, trees, leaf_width)
         a = leaf_activations(z, act, leaf_linear).view(n, width)
         if w_up is not None:
             a = a * _rows_dot(w_up, rows, xcol, n, width)
@@ -168,7 +166,7 @@ def fff_reference(
 
 def _rows_dot(weights: torch.Tensor, rows: torch.Tensor, xcol: torch.Tensor, n: int, width: int) -> torch.Tensor:
     """x . weights[row] for `width` rows per token: (n, width) from rows (n*width,) and xcol (n, H, 1)."""
-    return torch.bmm(weights.index_select(0, rows).view(n, width, -1), xcol).squeeze(-1)
+    return torch.bmm(weights.index_select(0, rows).view(n, width, xcol.shape[1]), xcol).squeeze(-1)
 
 
 def leaf_activations(z: torch.Tensor, act, leaf_linear: int) -> torch.Tensor:

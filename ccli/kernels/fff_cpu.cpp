@@ -498,18 +498,11 @@ void fff_all(const Problem& p) {
   }
 }
 
-bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
-
 bool all_float_cpu(const at::Tensor& x, const at::Tensor& w_in, const at::Tensor& b_in,
                    const at::Tensor& w_out, const std::optional<at::Tensor>& b_out,
                    const std::optional<at::Tensor>& w_up) {
-  for (const at::Tensor* t : {&x, &w_in, &b_in, &w_out}) {
-    if (!t->device().is_cpu() || t->scalar_type() != at::kFloat) return false;
-  }
-  for (const std::optional<at::Tensor>* t : {&b_out, &w_up}) {
-    if (present(*t) && (!(*t)->device().is_cpu() || (*t)->scalar_type() != at::kFloat)) return false;
-  }
-  return true;
+  return is_float_cpu(x) && is_float_cpu(w_in) && is_float_cpu(b_in) && is_float_cpu(w_out) && is_float_cpu(b_out) &&
+         is_float_cpu(w_up);
 }
 
 at::Tensor fff_forward_impl(const at::Tensor& x_, const at::Tensor& w_in_, const at::Tensor& b_in_,

@@ -293,9 +293,6 @@ void moe_all(const Problem& p, bool ascending) {
   }
 }
 
-bool is_float_cpu(const at::Tensor& t) { return t.device().is_cpu() && t.scalar_type() == at::kFloat; }
-bool is_float_cpu(const std::optional<at::Tensor>& t) { return !t.has_value() || !t->defined() || is_float_cpu(*t); }
-bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
 bool supported(const at::Tensor& x, const at::Tensor& tokens, const at::Tensor& offsets, const at::Tensor& w_in,
                const std::optional<at::Tensor>& b_in, const at::Tensor& w_out,
