@@ -79,6 +79,13 @@ def _detach(value):
     return value
 
 
+def _is_cache(value) -> bool:
+    """A decoder's KV cache object (the model's own, filled by the forward pass that was captured)."""
+    from transformers.cache_utils import Cache
+
+    return isinstance(value, Cache)
+
+
 class TokenRows:
     """Token rows (tokens, features): a batch is `batch_tokens` rows drawn with replacement."""
 
@@ -150,7 +157,9 @@ def collect_block_calls(model: nn.Module, path: str, batches: list[dict], tokens
 
             names = list(inspect.signature(model.get_submodule(path).forward).parameters)[1:]
             kwargs = {**dict(zip(names, rest)), **kwargs}
-        kept = {k: _detach(v) for k, v in kwargs.items()}
+        kept = {k: _detach(v) for k, v in kwargs.items() if not _is_cache(v)}
+        if "use_cache" in kept:  # a replayed call must not fill a cache: each call starts from nothing
+            kept["use_cache"] = False
         calls.append(BlockCall(hidden.detach().float(), kept, batch["attention_mask"].bool()))
 
     _run_until(model, path, batches, hook, lambda: sum(int(c.real.sum()) for c in calls) >= tokens)

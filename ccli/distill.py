@@ -87,6 +87,7 @@ class LayerReport:
     init_rel_error: float  # relative MSE of the initialised layer on its calibration tokens
     final_rel_error: float
     seconds: float
+    init: dict | None = None  # what the family's initialisation measured (ConvertedModule.init_record)
 
 
 @dataclass
@@ -256,11 +257,13 @@ def distill(
                                           on_step=lambda s, loss: progress.update(task, info=f"rel. error {loss:.4f}"))
                 unit.install(module.eval())
                 specs[unit.key] = unit.spec
+                init_record = getattr(module, "init_record", None)
                 unit_report = LayerReport(block, unit.kind if unit.kind != "linear" else unit.key, before, after,
-                                          time.perf_counter() - t0)
+                                          time.perf_counter() - t0, init_record)
                 report.layers.append(unit_report)
+                noted = "".join(f", {k.replace('_', ' ')} {v:.3f}" for k, v in (init_record or {}).items())
                 progress.log(f"{unit.label}: relative error {before:.4f} after init -> {after:.4f} after "
-                             f"{cfg.steps} steps ({unit_report.seconds:.1f}s, {x.tokens} tokens)")
+                             f"{cfg.steps} steps ({unit_report.seconds:.1f}s, {x.tokens} tokens{noted})")
                 if checkpoint is not None:
                     state["modules"][unit.key] = module.state_dict()
                     state["specs"][unit.key] = unit.spec

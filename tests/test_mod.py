@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from torch import nn
 from safetensors.torch import load_file
 from transformers import AutoTokenizer, BertConfig, BertModel
 
@@ -166,14 +167,160 @@ def test_config_errors_are_one_line():
 def test_all_keys_attention_needs_a_bert_style_block():
     with pytest.raises(CcliError, match="mod: --attention all needs a BERT or RoBERTa block"):
         MoDVariant.wrap(view(tiny("distilbert")).blocks[1].module, {"capacity": 0.5, "attention": "all"})
-    with pytest.raises(CcliError, match="mod: --attention must be one of routed, all"):
+    with pytest.raises(CcliError, match="mod: --attention must be one of auto, routed, all"):
         MoDVariant(attention="keys")
 
 
+# --- decoders: per-token decisions, every token's K/V in the cache ---------------------------------
+
+def _decoder_call(model, block: int, ids, mask=None):
+    """The inputs block `block` gets in a full forward (no cache): (args, kwargs)."""
+    calls = []
+    handle = model.get_submodule(view(model).blocks[block].path).register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append((args, kwargs)), with_kwargs=True)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, use_cache=False)
+    handle.remove()
+    return calls[0]
+
+
+def _routed_decoder(model, block: int, capacity: float, seed: int = 1) -> MoDBlock:
+    """Block `block` of `model` wrapped in place, router and predictor random (the predictor routes
+    about half the tokens)."""
+    arch = view(model)
+    module = MoDVariant.wrap(arch.blocks[block].module, {"capacity": capacity})
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for linear in (module.router, module.predictor):
+            linear.weight.normal_(0, 1.0)
+            linear.bias.zero_()
+    return module.eval()
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_decoders_are_refused_in_one_line(family):
-    with pytest.raises(CcliError, match=f"mod: {family} is a decoder and mod routes encoders only for now"):
-        MoDVariant().units(view(tiny(family)), 1)
+def test_decoder_routed_block_equals_the_dense_block_kept_at_the_routed_tokens(family, attn):
+    """Routed queries attend over every token's K/V, so a routed token's output is the dense block's
+    output there, its update scaled by the router; skipped and padding tokens leave as they came."""
+    model = tiny(family, attn=attn)
+    dense_block = copy.deepcopy(view(model).blocks[1].module)
+    module = _routed_decoder(model, 1, 0.5)
+    ids = torch.randint(1, 100, (3, 11), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones(3, 11, dtype=torch.long)
+    mask[1, :4] = 0  # left padding
+    mask[2, :9] = 0
+    args, kwargs = _decoder_call(model, 1, ids, mask)
+    hidden = args[0]
+    with torch.no_grad():
+        got = module(*args, **kwargs)
+        dense = dense_block(*args, **kwargs)
+        chosen = (module.predictor(hidden).squeeze(-1) > 0) & mask.bool()
+        g = 2 * torch.sigmoid(module.router(hidden).squeeze(-1))
+        expected = torch.where(chosen[..., None], hidden + g[..., None] * (dense - hidden), hidden)
+    real = mask.bool()
+    torch.testing.assert_close(got[real], expected[real], rtol=1e-5, atol=1e-5)
+    assert torch.equal(got[~real], hidden[~real])  # padding never routed, never changed
+    assert 0 < int(chosen.sum()) < int(real.sum())
+    assert module.routing() == {"capacity": 0.5, "tokens": int(chosen.sum()), "real_tokens": int(real.sum())}
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_decoder_capacity_one_is_the_block_with_its_update_scaled(family):
+    model = tiny(family)
+    dense_block = copy.deepcopy(view(model).blocks[1].module)
+    module = _routed_decoder(model, 1, 1.0)
+    args, kwargs = _decoder_call(model, 1, torch.randint(1, 100, (2, 9)))
+    with torch.no_grad():
+        module.router.weight.zero_()
+        module.router.bias.zero_()
+        torch.testing.assert_close(module(*args, **kwargs), dense_block(*args, **kwargs), rtol=1e-5, atol=1e-6)
+    assert module.routing()["tokens"] == 18
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_decoding_with_the_kv_cache_routes_and_outputs_as_a_full_forward(family):
+    """Prefill 4 tokens, then one token at a time with the cache: each step's decisions in every
+    routed block and its logits equal the full forward's over the same tokens."""
+    from transformers import DynamicCache
+
+    model = tiny(family)
+    modules = [_routed_decoder(model, b, 0.5, seed=b) for b in (0, 1)]
+    decided: list[torch.Tensor] = []
+    hooks = [m.register_forward_pre_hook(
+        lambda mod, args, kwargs: decided.append(mod.decisions(args[0], torch.ones(args[0].shape[:2], dtype=torch.bool))),
+        with_kwargs=True) for m in modules]
+    ids = torch.randint(1, 100, (2, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        full = model(input_ids=ids, use_cache=False).logits
+        full_decisions = torch.stack(decided)
+        decided.clear()
+        cache, steps = DynamicCache(), []
+        for start, stop in [(0, 4)] + [(t, t + 1) for t in range(4, 12)]:
+            steps.append(model(input_ids=ids[:, start:stop], cache=cache, use_cache=True).logits)
+    for h in hooks:
+        h.remove()
+    stepwise_decisions = torch.cat([torch.stack(decided[i:i + 2]) for i in range(0, len(decided), 2)], dim=2)
+    assert torch.equal(stepwise_decisions, full_decisions)
+    assert 0 < int(full_decisions.sum()) < full_decisions.numel()  # some tokens skip, some do not
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+    assert cache.get_seq_length() == 12 and cache.layers[1].keys.shape[-2] == 12  # skipped tokens' K/V are there
+
+
+def test_decoder_flops_count_the_routed_tokens_and_every_tokens_kv():
+    model = tiny("llama")
+    module = _routed_decoder(model, 1, 0.5)
+    seq = 24
+    inputs = {"input_ids": torch.randint(1, 100, (1, seq), generator=torch.Generator().manual_seed(2))}
+    counted = count_flops(model, inputs).by_module
+    k = module.routing()["tokens"]
+    assert 0 < k < seq
+    cfg = model.config
+    h, i, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads)
+    # predictor and K/V projections on every token; router (update scale), Q, O, the routed queries'
+    # scores and context over every key and the gated FFN on the routed tokens
+    expected = 2 * seq * h + 2 * seq * 2 * h * kv + 2 * k * h + 2 * k * 2 * h * h + 2 * 2 * k * seq * h + 2 * k * 3 * h * i
+    assert counted["model.layers.1"] == expected
+
+
+def test_the_predictor_reproduces_the_routers_per_sequence_choices():
+    """Calls whose sequences each hold a spread of router scores: a per-token threshold can match
+    per-sequence top-k closely. The fitted predictor routes `capacity` of the calibration tokens and
+    its reported accuracy is its agreement with the router's top-k there."""
+    from ccli.capture import BlockCall
+    from ccli.variants.mod_causal import fit_predictor
+
+    g = torch.Generator().manual_seed(0)
+    router, predictor = nn.Linear(16, 1), nn.Linear(16, 1)
+    calls = []
+    for _ in range(6):
+        hidden = torch.randn(4, 40, 16, generator=g)
+        real = torch.ones(4, 40, dtype=torch.bool)
+        real[3, 30:] = False  # padding is neither labelled nor counted
+        calls.append(BlockCall(hidden, {}, real))
+    accuracy = fit_predictor(predictor, router, calls, capacity=0.25)
+    agree = total = routed = 0
+    with torch.no_grad():
+        for call in calls:
+            scores, decided = router(call.hidden).squeeze(-1), predictor(call.hidden).squeeze(-1) > 0
+            for b in range(4):
+                s, d = scores[b][call.real[b]], decided[b][call.real[b]]
+                label = torch.zeros_like(d)
+                label[s.topk(math.ceil(0.25 * len(s))).indices] = True
+                agree += int((label == d).sum())
+                total += len(s)
+                routed += int(d.sum())
+    assert accuracy == pytest.approx(agree / total)
+    assert accuracy > 0.9
+    assert routed / total == pytest.approx(0.25, abs=0.01)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_decoder_settings_that_do_not_apply_are_one_line_errors(family):
+    block = view(tiny(family)).blocks[1].module
+    with pytest.raises(CcliError, match="mod: --attention routed is for encoders"):
+        MoDVariant.wrap(copy.deepcopy(block), {"capacity": 0.5, "attention": "routed"})
+    with pytest.raises(CcliError, match="mod: --train router is for encoders"):
+        MoDVariant(train="router").units(view(tiny(family)), 1)
 
 
 @pytest.fixture(scope="module")
@@ -193,7 +340,7 @@ def test_convert_saves_reloads_bit_identically_and_profile_shows_the_routing(tin
     assert [(r["layer"], r["target"]) for r in record["layers"]] == [(1, "block"), (3, "block")]  # alternate blocks
     manifest = json.loads((out / "ccli.json").read_text())
     assert [u["key"] for u in manifest["units"]] == ["1", "3"]
-    assert manifest["units"][0]["spec"] == {"variant": "mod", "capacity": 0.5, "blocks": "alternate", "attention": "routed",
+    assert manifest["units"][0]["spec"] == {"variant": "mod", "capacity": 0.5, "blocks": "alternate", "attention": "auto",
                                              "train": "block"}
 
     model, tokenizer = ccli.load(str(out))

@@ -22,8 +22,8 @@ Conversion, on block units captured as whole calls (ccli.capture.BlockCalls):
 3. optionally end to end (the shared engine), the routed blocks trained together (their routers too
    unless `--train block`, which keeps each router's fit throughout).
 
-Encoders only for now (BERT, RoBERTa, DistilBERT): top-k over a sequence is not causal, so a decoder
-needs a per-token predictor at generation time, which is not built yet.
+Decoders (GPT-2, the LLaMA family) decide per token with a predictor fitted to the router's top-k
+choices, and every token leaves its K/V in a routed block's cache: ccli.variants.mod_causal.
 """
 
 from __future__ import annotations
@@ -35,10 +35,10 @@ from torch import nn
 
 from ..errors import CcliError
 from .base import BlockVariant, ConvertedModule, VariantConfig, option, wrap_block
+from .mod_causal import bind_call, decoder_parts, fit_predictor, real_query_tokens, run_routed
 
-ENCODER_FAMILIES = ("bert", "roberta", "distilbert")
 BLOCK_CHOICES = ("alternate", "all-but-first", "all")
-ATTENTION_CHOICES = ("routed", "all")
+ATTENTION_CHOICES = ("auto", "routed", "all")
 TRAIN_CHOICES = ("block", "router", "both")
 ROUTER_INIT_STD = 0.1  # std of the initial router scores: the update scale 2*sigmoid(s) starts within ~5% of 1
 
@@ -49,9 +49,10 @@ class MoDConfig(VariantConfig):
     capacity: float = option(0.5, "fraction of each sequence's real tokens a routed block processes", low=0.0, high=1.0)
     blocks: str = option("alternate", "which blocks are routed: alternate (1, 3, 5, ...: every other block, "
                                       "never the first), all-but-first, all, or block indices such as 1,3,5")
-    attention: str = option("routed", "what a routed token attends to: routed (the other routed tokens, as in the "
-                                      "paper; any encoder block) or all (every real token's keys and values; BERT and "
-                                      "RoBERTa blocks)", choices=ATTENTION_CHOICES)
+    attention: str = option("auto", "what a routed token attends to: routed (the other routed tokens, as in the "
+                                    "paper; any encoder block), all (every real token's keys and values; BERT and "
+                                    "RoBERTa blocks, and decoders, whose skipped tokens still fill the K/V cache) or "
+                                    "auto (routed on encoders, all on decoders)", choices=ATTENTION_CHOICES)
     train: str = option("block", "what layer-wise training fits after the router's initial fit: block (the "
                                  "block's own weights; the router keeps its fit), router, or both", choices=TRAIN_CHOICES)
 
@@ -115,21 +116,31 @@ class MoDBlock(ConvertedModule):
 
     unit_kind = "block"
 
-    def setup(self, hidden_size: int, capacity: float, attention: str = "routed", router_frozen: bool = False) -> None:
+    def setup(self, hidden_size: int, capacity: float, attention: str = "auto", router_frozen: bool = False) -> None:
         self.router = nn.Linear(hidden_size, 1)
         self.router_frozen = router_frozen
         self.capacity = float(capacity)
-        self.attention_keys = attention
         self.last_routing: dict | None = None
-        if attention == "all" and not _bert_like(self):
-            raise CcliError(f"mod: --attention all needs a BERT or RoBERTa block ({type(self).__mro__[2].__name__} is "
+        self.decoder = decoder_parts(self)
+        if self.decoder is not None:
+            if attention == "routed":
+                raise CcliError("mod: --attention routed is for encoders: on a decoder every token fills the K/V "
+                                "cache and routed tokens attend over all of it (--attention all or auto)")
+            # the causal decision: route a token when the predictor scores it above 0 (fit_predictor)
+            self.predictor = nn.Linear(hidden_size, 1)
+            attention = "all"
+        elif attention == "auto":
+            attention = "routed"
+        self.attention_keys = attention
+        if attention == "all" and self.decoder is None and not _bert_like(self):
+            raise CcliError(f"mod: --attention all needs a BERT or RoBERTa block ({type(self).__bases__[-1].__name__} is "
                             "not one); use --attention routed")
 
     def train(self, mode: bool = True):
         # the block's own parts stay in eval mode (no dropout) while its weights or router are trained
         nn.Module.train(self, mode)
         for child in self.children():
-            if child is not self.router:
+            if child is not self.router and child is not getattr(self, "predictor", None):
                 child.eval()
         return self
 
@@ -185,7 +196,38 @@ class MoDBlock(ConvertedModule):
         index = torch.where(valid, top, torch.full_like(top, seq)).sort(dim=1).values
         return index.clamp(max=seq - 1), valid, k
 
-    def forward(self, hidden_states, attention_mask=None, *args, **kwargs):
+    def forward(self, hidden_states, *args, **kwargs):
+        if self.decoder is not None:
+            return self.causal_forward(hidden_states, bind_call(self, hidden_states, args, kwargs))
+        return self.sequence_forward(hidden_states, *args, **kwargs)
+
+    def decisions(self, hidden_states: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """(batch, seq) bool: the decoder's per-token choice (the predictor above 0; every real token
+        at capacity 1). It depends on the token's own block input only, so it is causal."""
+        if self.capacity >= 1.0:
+            return real
+        with torch.no_grad():
+            return (self.predictor(hidden_states).squeeze(-1) > 0) & real
+
+    def causal_forward(self, hidden_states, bound: dict) -> torch.Tensor:
+        """Decoder blocks: per-token decisions, every token's K/V, the routed tokens through the rest."""
+        if bound.get("encoder_hidden_states") is not None:
+            raise CcliError("mod: routed blocks with cross-attention are not supported")
+        batch, seq, hidden = hidden_states.shape
+        real = real_query_tokens(bound.get("attention_mask"), batch, seq, hidden_states.device)
+        routed = self.decisions(hidden_states, real)
+        out, index, valid = run_routed(self.decoder, hidden_states, routed, bound)
+        self.last_routing = {"capacity": self.capacity, "tokens": int(routed.sum()), "real_tokens": int(real.sum())}
+        if index.shape[1] == 0:
+            return hidden_states
+        rows = index[..., None].expand(-1, -1, hidden)
+        routed_in = hidden_states.gather(1, rows)
+        scale = self.update_scale(self.scores(routed_in))[..., None].to(out.dtype)
+        update = torch.where(valid[..., None], (out - routed_in) * scale, torch.zeros_like(out))
+        return hidden_states.scatter_add(1, rows, update)
+
+    def sequence_forward(self, hidden_states, attention_mask=None, *args, **kwargs):
+        """Encoder blocks: the top-capacity real tokens of each sequence (expert choice)."""
         batch, seq, hidden = hidden_states.shape
         real = real_tokens(attention_mask, batch, seq, hidden_states.device)
         scores = self.scores(hidden_states)
@@ -254,9 +296,9 @@ class MoDVariant(BlockVariant):
         return self.cfg.block_indices(n_blocks)
 
     def units(self, arch, block: int):
-        if arch.family not in ENCODER_FAMILIES:
-            raise CcliError(f"mod: {arch.family} is a decoder and mod routes encoders only for now "
-                            f"({', '.join(ENCODER_FAMILIES)}): generation needs a causal per-token router, not built yet")
+        if self.cfg.train != "block" and decoder_parts(arch.blocks[block].module) is not None:
+            raise CcliError(f"mod: --train {self.cfg.train} is for encoders: a decoder's per-token predictor is fitted "
+                            "to the router's choices, so the router keeps its fit (--train block)")
         return super().units(arch, block)
 
     @classmethod
@@ -264,7 +306,7 @@ class MoDVariant(BlockVariant):
         from ..arch import _hidden_of
 
         block = wrap_block(MoDBlock, block)
-        block.setup(_hidden_of(block), spec["capacity"], spec.get("attention", "routed"),
+        block.setup(_hidden_of(block), spec["capacity"], spec.get("attention", "auto"),
                     router_frozen=spec.get("train", "block") == "block")
         return block
 
@@ -272,5 +314,9 @@ class MoDVariant(BlockVariant):
         for name, p in module.named_parameters():
             is_router = name.startswith("router.")
             p.requires_grad_(self.cfg.train == "both" or (self.cfg.train == "router") == is_router)
-        init_router(module, calls)
+        record = {"router_correlation": init_router(module, calls)}
+        if module.decoder is not None:
+            module.predictor.requires_grad_(False)  # a decision, not trained by gradient
+            record["predictor_accuracy"] = fit_predictor(module.predictor, module.router, calls, self.cfg.capacity)
+        module.init_record = record  # reported with the layer (ccli.distill.LayerReport.init)
 

@@ -25,10 +25,13 @@ class ConvertedModule(nn.Module):
     - `routing()`: for a block that routes tokens around itself, what its last forward did
       ({"capacity", "tokens" processed, "real_tokens" it was given}), else None;
     - `auxiliary_loss()`: a loss of the module's own from its last training forward pass (a router's
-      regression target, ...), which the distillation engine adds to the distillation loss, or None.
+      regression target, ...), which the distillation engine adds to the distillation loss, or None;
+    - `init_record`: numbers the family's initialisation measured on the calibration tokens (name ->
+      float, e.g. how well a router's fit ranks tokens), reported with the layer, or None.
     """
 
     unit_kind: ClassVar[str] = ""
+    init_record: dict | None = None
 
     def finalize(self) -> None:
         pass
