@@ -44,12 +44,14 @@ def _padded_call(model, block: int, lengths=(9, 5, 1), seed=0):
     return call
 
 
-def _routed(block, capacity, attention="routed", seed=1) -> MoDBlock:
-    module = MoDVariant.wrap(copy.deepcopy(block), {"capacity": capacity, "attention": attention})
+def _routed(block, capacity, attention="routed", seed=1, skip_rank=0) -> MoDBlock:
+    module = MoDVariant.wrap(copy.deepcopy(block), {"capacity": capacity, "attention": attention, "skip_rank": skip_rank})
     torch.manual_seed(seed)
     with torch.no_grad():
         module.router.weight.normal_(0, 1.0)
         module.router.bias.normal_(0, 1.0)
+        if module.skip is not None:
+            module.skip[1].bias.normal_(0, 1.0)  # a skip path that changes what it is given
     return module.eval()
 
 
@@ -92,17 +94,20 @@ def _masked_reference(block, module: MoDBlock, call, capacity: float, attention:
         torch.zeros((), dtype=old.dtype).masked_fill(~mask, torch.finfo(old.dtype).min)
     out = block(hidden, **kwargs)
     g = 2 * torch.sigmoid(scores)
-    return torch.where(chosen[..., None], hidden + g[..., None] * (out - hidden), hidden)
+    skipped = hidden if module.skip is None else hidden + module.skip(hidden)
+    return torch.where(chosen[..., None], hidden + g[..., None] * (out - hidden),
+                       torch.where(call.real[..., None], skipped, hidden))
 
 
+@pytest.mark.parametrize("skip_rank", [0, 4])
 @pytest.mark.parametrize("attention", ["routed", "all"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("capacity", [0.75, 0.5, 0.25, 0.125])
-def test_gather_scatter_equals_a_masked_reference_with_padding(attn, capacity, attention):
+def test_gather_scatter_equals_a_masked_reference_with_padding(attn, capacity, attention, skip_rank):
     model = tiny("bert", attn=attn)
     block = view(model).blocks[1].module
     call = _padded_call(model, 1, lengths=(12, 7, 3, 1), seed=int(capacity * 8))
-    module = _routed(block, capacity, attention)
+    module = _routed(block, capacity, attention, skip_rank=skip_rank)
     with torch.no_grad():
         got = module(call.hidden, **call.kwargs)
         expected = _masked_reference(block, module, call, capacity, attention)
@@ -123,16 +128,18 @@ def test_real_tokens_reads_bool_float_2d_and_missing_masks():
     assert real_tokens(None, 2, 4, None).all()
 
 
+@pytest.mark.parametrize("skip_rank", [0, 4])
 @pytest.mark.parametrize("attention", ["routed", "all"])
 @pytest.mark.parametrize("capacity", [1.0, 0.5, 0.125])
-def test_the_flop_counter_sees_only_the_routed_tokens(capacity, attention):
+def test_the_flop_counter_sees_only_the_routed_tokens(capacity, attention, skip_rank):
     model = BertModel(BertConfig(hidden_size=HIDDEN, intermediate_size=WIDTH, num_hidden_layers=2,
                                  num_attention_heads=HEADS, vocab_size=100)).eval()
     seq = 24
     inputs = {"input_ids": torch.randint(1, 100, (1, seq)), "attention_mask": torch.ones(1, seq, dtype=torch.long)}
     dense = count_flops(model, inputs).by_module
     arch = view(model)
-    arch.blocks[1].replace(MoDVariant.wrap(arch.blocks[1].module, {"capacity": capacity, "attention": attention}))
+    arch.blocks[1].replace(MoDVariant.wrap(arch.blocks[1].module, {"capacity": capacity, "attention": attention,
+                                                                   "skip_rank": skip_rank}))
     counted = count_flops(model, inputs).by_module
     k = math.ceil(capacity * seq)
     h, i = HIDDEN, WIDTH
@@ -143,6 +150,7 @@ def test_the_flop_counter_sees_only_the_routed_tokens(capacity, attention):
     else:
         # router + k, v on every token + q, out and the FFN on the routed tokens + k x seq scores and context
         expected = 2 * seq * h + 2 * seq * 2 * h * h + 2 * k * (2 * h * h + 2 * h * i) + 2 * 2 * k * seq * h
+    expected += 2 * (seq - k) * 2 * h * skip_rank  # the skip path (H -> rank -> H) on the skipped tokens only
     assert counted["encoder.layer.1"] == expected
     assert counted["encoder.layer.0"] == dense["encoder.layer.0"]
     assert dense["encoder.layer.1"] == 2 * seq * (4 * h * h + 2 * h * i) + 2 * 2 * seq * seq * h
@@ -184,11 +192,11 @@ def _decoder_call(model, block: int, ids, mask=None):
     return calls[0]
 
 
-def _routed_decoder(model, block: int, capacity: float, seed: int = 1) -> MoDBlock:
+def _routed_decoder(model, block: int, capacity: float, seed: int = 1, skip_rank: int = 0) -> MoDBlock:
     """Block `block` of `model` wrapped in place, router and predictor random (the predictor routes
     about half the tokens)."""
     arch = view(model)
-    module = MoDVariant.wrap(arch.blocks[block].module, {"capacity": capacity})
+    module = MoDVariant.wrap(arch.blocks[block].module, {"capacity": capacity, "skip_rank": skip_rank})
     torch.manual_seed(seed)
     with torch.no_grad():
         for linear in (module.router, module.predictor):
@@ -197,14 +205,16 @@ def _routed_decoder(model, block: int, capacity: float, seed: int = 1) -> MoDBlo
     return module.eval()
 
 
+@pytest.mark.parametrize("skip_rank", [0, 4])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_decoder_routed_block_equals_the_dense_block_kept_at_the_routed_tokens(family, attn):
+def test_decoder_routed_block_equals_the_dense_block_kept_at_the_routed_tokens(family, attn, skip_rank):
     """Routed queries attend over every token's K/V, so a routed token's output is the dense block's
-    output there, its update scaled by the router; skipped and padding tokens leave as they came."""
+    output there, its update scaled by the router; skipped tokens take the skip path (or leave as
+    they came) and padding tokens leave as they came."""
     model = tiny(family, attn=attn)
     dense_block = copy.deepcopy(view(model).blocks[1].module)
-    module = _routed_decoder(model, 1, 0.5)
+    module = _routed_decoder(model, 1, 0.5, skip_rank=skip_rank)
     ids = torch.randint(1, 100, (3, 11), generator=torch.Generator().manual_seed(0))
     mask = torch.ones(3, 11, dtype=torch.long)
     mask[1, :4] = 0  # left padding
@@ -216,7 +226,8 @@ def test_decoder_routed_block_equals_the_dense_block_kept_at_the_routed_tokens(f
         dense = dense_block(*args, **kwargs)
         chosen = (module.predictor(hidden).squeeze(-1) > 0) & mask.bool()
         g = 2 * torch.sigmoid(module.router(hidden).squeeze(-1))
-        expected = torch.where(chosen[..., None], hidden + g[..., None] * (dense - hidden), hidden)
+        skipped = hidden if module.skip is None else hidden + module.skip(hidden)
+        expected = torch.where(chosen[..., None], hidden + g[..., None] * (dense - hidden), skipped)
     real = mask.bool()
     torch.testing.assert_close(got[real], expected[real], rtol=1e-5, atol=1e-5)
     assert torch.equal(got[~real], hidden[~real])  # padding never routed, never changed
@@ -244,7 +255,7 @@ def test_decoding_with_the_kv_cache_routes_and_outputs_as_a_full_forward(family)
     from transformers import DynamicCache
 
     model = tiny(family)
-    modules = [_routed_decoder(model, b, 0.5, seed=b) for b in (0, 1)]
+    modules = [_routed_decoder(model, b, 0.5, seed=b, skip_rank=4 * b) for b in (0, 1)]  # block 1 with a skip path
     decided: list[torch.Tensor] = []
     hooks = [m.register_forward_pre_hook(
         lambda mod, args, kwargs: decided.append(mod.decisions(args[0], torch.ones(args[0].shape[:2], dtype=torch.bool))),
@@ -391,3 +402,28 @@ def test_a_ci_sized_conversion_of_the_default_model_beats_its_own_undistilled_ro
 
 
 E2E_STEPS = 40
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    from tests.test_decoders import _save, _tiny_lm
+
+    return _save(_tiny_lm("llama"), tmp_path_factory.mktemp("llama") / "tiny-llama")
+
+
+@pytest.mark.parametrize("which", ["tiny_bert", "tiny_llama"])
+def test_the_fitted_skip_path_lowers_each_routed_blocks_error(which, request):
+    """The same routing with and without a skip path (no training): the one fitted to the blocks'
+    updates on the skipped tokens is closer to the original blocks, and reports what it explains."""
+    settings = dict(to="mod", steps=0, e2e_steps=0, tokens=512, evaluate_fidelity=False, show_progress=False)
+    path = request.getfixturevalue(which)
+    plain = convert(path, params={"capacity": 0.5}, **settings)["layers"]
+    skipping = convert(path, params={"capacity": 0.5, "skip_rank": 8}, **settings)["layers"]
+    for without, with_skip in zip(plain, skipping):
+        assert with_skip["init_rel_error"] < without["init_rel_error"]
+        assert 0 < with_skip["init"]["skip_explained"] <= 1
+        assert "skip_explained" not in without["init"]
+    # the first routed block sees the same inputs either way, so its router is fitted alike
+    assert skipping[0]["init"]["router_correlation"] == pytest.approx(plain[0]["init"]["router_correlation"], abs=1e-6)
+    if which == "tiny_llama":
+        assert 0.5 < skipping[0]["init"]["predictor_accuracy"] <= 1

@@ -53,6 +53,9 @@ class MoDConfig(VariantConfig):
                                     "paper; any encoder block), all (every real token's keys and values; BERT and "
                                     "RoBERTa blocks, and decoders, whose skipped tokens still fill the K/V cache) or "
                                     "auto (routed on encoders, all on decoders)", choices=ATTENTION_CHOICES)
+    skip_rank: int = option(0, "rank of a linear update for the tokens a routed block skips, fitted to the block's "
+                               "update by ridge regression and trained with the block; 0: skipped tokens ride the "
+                               "residual unchanged, as in the paper", low=0)
     train: str = option("block", "what layer-wise training fits after the router's initial fit: block (the "
                                  "block's own weights; the router keeps its fit), router, or both", choices=TRAIN_CHOICES)
 
@@ -116,8 +119,12 @@ class MoDBlock(ConvertedModule):
 
     unit_kind = "block"
 
-    def setup(self, hidden_size: int, capacity: float, attention: str = "auto", router_frozen: bool = False) -> None:
+    def setup(self, hidden_size: int, capacity: float, attention: str = "auto", router_frozen: bool = False,
+              skip_rank: int = 0) -> None:
         self.router = nn.Linear(hidden_size, 1)
+        # the skipped tokens' update: x -> up(down(x)), rank skip_rank (fit_skip_path); None: identity
+        self.skip = nn.Sequential(nn.Linear(hidden_size, skip_rank, bias=False), nn.Linear(skip_rank, hidden_size)) \
+            if skip_rank > 0 else None
         self.router_frozen = router_frozen
         self.capacity = float(capacity)
         self.last_routing: dict | None = None
@@ -140,7 +147,7 @@ class MoDBlock(ConvertedModule):
         # the block's own parts stay in eval mode (no dropout) while its weights or router are trained
         nn.Module.train(self, mode)
         for child in self.children():
-            if child is not self.router and child is not getattr(self, "predictor", None):
+            if child not in (self.router, getattr(self, "predictor", None), self.skip):
                 child.eval()
         return self
 
@@ -218,13 +225,35 @@ class MoDBlock(ConvertedModule):
         routed = self.decisions(hidden_states, real)
         out, index, valid = run_routed(self.decoder, hidden_states, routed, bound)
         self.last_routing = {"capacity": self.capacity, "tokens": int(routed.sum()), "real_tokens": int(real.sum())}
-        if index.shape[1] == 0:
-            return hidden_states
-        rows = index[..., None].expand(-1, -1, hidden)
-        routed_in = hidden_states.gather(1, rows)
-        scale = self.update_scale(self.scores(routed_in))[..., None].to(out.dtype)
-        update = torch.where(valid[..., None], (out - routed_in) * scale, torch.zeros_like(out))
-        return hidden_states.scatter_add(1, rows, update)
+        result = hidden_states
+        if index.shape[1] > 0:
+            rows = index[..., None].expand(-1, -1, hidden)
+            routed_in = hidden_states.gather(1, rows)
+            scale = self.update_scale(self.scores(routed_in))[..., None].to(out.dtype)
+            update = torch.where(valid[..., None], (out - routed_in) * scale, torch.zeros_like(out))
+            result = hidden_states.scatter_add(1, rows, update)
+        return self.skip_update(hidden_states, result, real & ~routed)
+
+    def skip_update(self, hidden_states, result, skipped: torch.Tensor) -> torch.Tensor:
+        """`result` with the skip path's update added at the `skipped` (batch, seq) tokens, computed on
+        those tokens only (without a skip path: unchanged, they ride the residual)."""
+        if self.skip is None or not bool(skipped.any()):
+            return result
+        where = skipped.nonzero(as_tuple=True)
+        return result.index_put(where, result[where] + self.skip(hidden_states[where]))
+
+    def skipped_tokens(self, hidden_states, *args, **kwargs) -> torch.Tensor:
+        """(batch, seq) bool: the real tokens this block's routing skips on this call (no block run)."""
+        batch, seq, _ = hidden_states.shape
+        with torch.no_grad():
+            if self.decoder is not None:
+                bound = bind_call(self, hidden_states, args, kwargs)
+                real = real_query_tokens(bound.get("attention_mask"), batch, seq, hidden_states.device)
+                return real & ~self.decisions(hidden_states, real)
+            bound = bind_call(self, hidden_states, args, kwargs)
+            real = real_tokens(bound.get("attention_mask"), batch, seq, hidden_states.device)
+            index, valid, _ = self.route(self.scores(hidden_states), real)
+            return real & ~_chosen(index, valid, seq)
 
     def sequence_forward(self, hidden_states, attention_mask=None, *args, **kwargs):
         """Encoder blocks: the top-capacity real tokens of each sequence (expert choice)."""
@@ -241,10 +270,17 @@ class MoDBlock(ConvertedModule):
         scale = self.update_scale(scores.gather(1, index)) * valid
         result = hidden_states.scatter_add(1, rows, (out - routed) * scale[..., None].to(out.dtype))
         self.last_routing = {"capacity": self.capacity, "tokens": int(k.sum()), "real_tokens": int(real.sum())}
-        return result
+        if self.skip is None:
+            return result
+        return self.skip_update(hidden_states, result, real & ~_chosen(index, valid, seq))
 
     def routing(self) -> dict | None:
         return self.last_routing
+
+
+def _chosen(index: torch.Tensor, valid: torch.Tensor, seq: int) -> torch.Tensor:
+    """(batch, seq) bool from the routed slots (index, valid) of `route`."""
+    return torch.zeros(index.shape[0], seq, dtype=torch.bool, device=index.device).scatter(1, index, valid)
 
 
 def _bert_like(block: nn.Module) -> bool:
@@ -288,6 +324,38 @@ def init_router(module: MoDBlock, calls, ridge: float = 1e-2) -> float:
     return float(torch.corrcoef(torch.stack([fitted, t.double()]))[0, 1])
 
 
+def fit_skip_path(module: MoDBlock, calls, ridge: float = 1e-2) -> float:
+    """Fit the skip path to the block's own update on the tokens the routing skips (captured calls):
+    ridge regression from the block input, cut to the skip path's rank (reduced-rank regression:
+    the fitted map projected on the top right singular vectors of its outputs). Returns the share of
+    the skipped tokens' update variance it explains."""
+    xs, updates = [], []
+    with torch.no_grad():
+        for call in getattr(calls, "data", calls):
+            skipped = module.skipped_tokens(call.hidden, **call.kwargs) & call.real
+            update = module.block_forward(call.hidden, **call.kwargs) - call.hidden
+            xs.append(call.hidden[skipped])
+            updates.append(update[skipped])
+    x, u = torch.cat(xs).double(), torch.cat(updates).double()
+    if len(x) < 2:
+        return 0.0
+    x_mean, u_mean = x.mean(0), u.mean(0)
+    xc, uc = x - x_mean, u - u_mean
+    w = torch.linalg.solve(xc.T @ xc + ridge * len(x) * torch.eye(x.shape[1], dtype=x.dtype), xc.T @ uc)
+    rank = module.skip[0].out_features
+    _, _, vh = torch.linalg.svd(xc @ w, full_matrices=False)
+    basis = vh[:rank]  # (rank, H): the directions of the update the rank can carry
+    down, up = w @ basis.T, basis  # x W P = (x W V_r) V_r^T
+    explained = 1.0 - float(((uc - xc @ down @ up) ** 2).sum() / (uc ** 2).sum().clamp(min=1e-30))
+    with torch.no_grad():
+        module.skip[0].weight.zero_()
+        module.skip[0].weight[: down.shape[1]].copy_(down.T.to(module.skip[0].weight.dtype))
+        module.skip[1].weight.zero_()
+        module.skip[1].weight[:, : up.shape[0]].copy_(up.T.to(module.skip[1].weight.dtype))
+        module.skip[1].bias.copy_((u_mean - x_mean @ down @ up).to(module.skip[1].bias.dtype))
+    return explained
+
+
 class MoDVariant(BlockVariant):
     name = "mod"
     config = MoDConfig
@@ -307,7 +375,7 @@ class MoDVariant(BlockVariant):
 
         block = wrap_block(MoDBlock, block)
         block.setup(_hidden_of(block), spec["capacity"], spec.get("attention", "auto"),
-                    router_frozen=spec.get("train", "block") == "block")
+                    router_frozen=spec.get("train", "block") == "block", skip_rank=spec.get("skip_rank", 0))
         return block
 
     def init_from_block(self, module: MoDBlock, calls, seed: int) -> None:
@@ -318,5 +386,7 @@ class MoDVariant(BlockVariant):
         if module.decoder is not None:
             module.predictor.requires_grad_(False)  # a decision, not trained by gradient
             record["predictor_accuracy"] = fit_predictor(module.predictor, module.router, calls, self.cfg.capacity)
+        if module.skip is not None:
+            record["skip_explained"] = fit_skip_path(module, calls)
         module.init_record = record  # reported with the layer (ccli.distill.LayerReport.init)
 
