@@ -352,7 +352,7 @@ def test_convert_saves_reloads_bit_identically_and_profile_shows_the_routing(tin
     manifest = json.loads((out / "ccli.json").read_text())
     assert [u["key"] for u in manifest["units"]] == ["1", "3"]
     assert manifest["units"][0]["spec"] == {"variant": "mod", "capacity": 0.5, "blocks": "alternate", "attention": "auto",
-                                             "train": "block"}
+                                             "skip_rank": 0, "train": "block"}
 
     model, tokenizer = ccli.load(str(out))
     again, _ = ccli.load(str(out))
