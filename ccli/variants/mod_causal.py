@@ -27,6 +27,7 @@ from __future__ import annotations
 import inspect
 import math
 import sys
+from abc import ABC, abstractmethod
 
 import torch
 from torch import nn
@@ -34,33 +35,37 @@ from torch import nn
 from ..errors import CcliError
 
 
-class DecoderParts:
-    """Where a decoder block's attention and FFN parts are, and how each step runs on them."""
+class DecoderParts(ABC):
+    """Where a decoder block's attention and FFN parts are, and how each step runs on them (one
+    subclass per block layout)."""
 
     def __init__(self, block: nn.Module):
         self.block = block
 
     @property
+    @abstractmethod
     def attention(self) -> nn.Module:
-        raise NotImplementedError
+        """The block's self-attention module (its layer_idx, scaling and config are used as they are)."""
 
+    @abstractmethod
     def norm(self, x):
-        raise NotImplementedError
+        """The block's input norm."""
 
+    @abstractmethod
     def keys_values(self, normed, kwargs):
         """(keys, values) of every token, (batch, kv heads, seq, head dim), positions applied."""
-        raise NotImplementedError
 
+    @abstractmethod
     def queries(self, normed_routed, index, kwargs):
         """Queries of the routed tokens (batch, heads, k, head dim), at their own positions `index`."""
-        raise NotImplementedError
 
+    @abstractmethod
     def output(self, context):
-        raise NotImplementedError
+        """The attention output projection of the routed tokens' context (batch, k, H)."""
 
+    @abstractmethod
     def ffn(self, x):
         """x plus the block's FFN update (x is after attention's residual add)."""
-        raise NotImplementedError
 
 
 class LlamaParts(DecoderParts):
