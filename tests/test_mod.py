@@ -298,7 +298,7 @@ def test_the_predictor_reproduces_the_routers_per_sequence_choices():
     per-sequence top-k closely. The fitted predictor routes `capacity` of the calibration tokens and
     its reported accuracy is its agreement with the router's top-k there."""
     from ccli.capture import BlockCall
-    from ccli.variants.mod_causal import fit_predictor
+    from ccli.variants.mod import fit_predictor
 
     g = torch.Generator().manual_seed(0)
     router, predictor = nn.Linear(16, 1), nn.Linear(16, 1)

@@ -35,7 +35,7 @@ from torch import nn
 
 from ..errors import CcliError
 from .base import BlockVariant, ConvertedModule, VariantConfig, option, wrap_block
-from .mod_causal import bind_call, decoder_parts, fit_predictor, real_query_tokens, run_routed
+from .mod_causal import bind_call, decoder_parts, mask_allows, real_query_tokens, run_routed
 
 BLOCK_CHOICES = ("alternate", "all-but-first", "all")
 ATTENTION_CHOICES = ("auto", "routed", "all")
@@ -89,11 +89,7 @@ def real_tokens(attention_mask: torch.Tensor | None, batch: int, seq: int, devic
     masks transformers passes to encoder blocks, a 2-D padding mask, or None (no padding)."""
     if attention_mask is None:
         return torch.ones(batch, seq, dtype=torch.bool, device=device)
-    mask = attention_mask
-    if mask.dtype != torch.bool:
-        if mask.dim() == 2:  # a plain padding mask: 1 = real
-            return mask > 0
-        mask = mask > torch.finfo(mask.dtype).min / 2
+    mask = mask_allows(attention_mask)
     if mask.dim() == 2:
         return mask
     return mask.reshape(batch, -1, mask.shape[-2], seq).any(dim=(1, 2))
@@ -191,17 +187,7 @@ class MoDBlock(ConvertedModule):
         return 2 * torch.sigmoid(scores)
 
     def route(self, scores: torch.Tensor, real: torch.Tensor):
-        """(index, valid, k): for each sequence the positions of its routed tokens in increasing order
-        (batch, k_max), which of those slots are used (k_b of k_max) and k_b = ceil(capacity * real)."""
-        n_real = real.sum(dim=1)
-        k = torch.clamp(torch.ceil(n_real.to(torch.float64) * self.capacity).to(torch.long), min=1)
-        k = torch.minimum(k, n_real.clamp(min=1))
-        k_max = int(k.max())
-        seq = scores.shape[1]
-        top = scores.masked_fill(~real, float("-inf")).topk(k_max, dim=1).indices
-        valid = torch.arange(k_max, device=scores.device)[None, :] < k[:, None]
-        index = torch.where(valid, top, torch.full_like(top, seq)).sort(dim=1).values
-        return index.clamp(max=seq - 1), valid, k
+        return top_capacity(scores, real, self.capacity)
 
     def forward(self, hidden_states, *args, **kwargs):
         if self.decoder is not None:
@@ -245,13 +231,12 @@ class MoDBlock(ConvertedModule):
     def skipped_tokens(self, hidden_states, *args, **kwargs) -> torch.Tensor:
         """(batch, seq) bool: the real tokens this block's routing skips on this call (no block run)."""
         batch, seq, _ = hidden_states.shape
+        mask = bind_call(self, hidden_states, args, kwargs).get("attention_mask")
         with torch.no_grad():
             if self.decoder is not None:
-                bound = bind_call(self, hidden_states, args, kwargs)
-                real = real_query_tokens(bound.get("attention_mask"), batch, seq, hidden_states.device)
+                real = real_query_tokens(mask, batch, seq, hidden_states.device)
                 return real & ~self.decisions(hidden_states, real)
-            bound = bind_call(self, hidden_states, args, kwargs)
-            real = real_tokens(bound.get("attention_mask"), batch, seq, hidden_states.device)
+            real = real_tokens(mask, batch, seq, hidden_states.device)
             index, valid, _ = self.route(self.scores(hidden_states), real)
             return real & ~_chosen(index, valid, seq)
 
@@ -278,6 +263,21 @@ class MoDBlock(ConvertedModule):
         return self.last_routing
 
 
+def top_capacity(scores: torch.Tensor, real: torch.Tensor, capacity: float):
+    """Expert choice per sequence: (index, valid, k), each sequence's k_b = ceil(capacity * real)
+    best-scored real tokens (at least 1) as positions in increasing order (batch, k_max), and which
+    of those slots are used."""
+    n_real = real.sum(dim=1)
+    k = torch.clamp(torch.ceil(n_real.to(torch.float64) * capacity).to(torch.long), min=1)
+    k = torch.minimum(k, n_real.clamp(min=1))
+    k_max = int(k.max())
+    seq = scores.shape[1]
+    top = scores.masked_fill(~real, float("-inf")).topk(k_max, dim=1).indices
+    valid = torch.arange(k_max, device=scores.device)[None, :] < k[:, None]
+    index = torch.where(valid, top, torch.full_like(top, seq)).sort(dim=1).values
+    return index.clamp(max=seq - 1), valid, k
+
+
 def _chosen(index: torch.Tensor, valid: torch.Tensor, seq: int) -> torch.Tensor:
     """(batch, seq) bool from the routed slots (index, valid) of `route`."""
     return torch.zeros(index.shape[0], seq, dtype=torch.bool, device=index.device).scatter(1, index, valid)
@@ -289,13 +289,19 @@ def _bert_like(block: nn.Module) -> bool:
             and all(hasattr(attention.self, n) for n in ("query", "key", "value", "scaling")))
 
 
-def _router_targets(module: MoDBlock, calls) -> tuple[torch.Tensor, torch.Tensor]:
+def block_updates(module: MoDBlock, calls) -> list[torch.Tensor]:
+    """The original block's update `block(x) - x` on each captured call (every token), computed once
+    for every initialiser that needs it (the router's signal, the skip path's target)."""
+    with torch.no_grad():
+        return [module.block_forward(call.hidden, **call.kwargs) - call.hidden for call in getattr(calls, "data", calls)]
+
+
+def _router_targets(calls, updates: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Block inputs and the cheap ranking signal: log of how much the block changes each real token,
     centred per sequence (ranking is per sequence)."""
     xs, ts = [], []
     with torch.no_grad():
-        for call in getattr(calls, "data", calls):
-            update = module.block_forward(call.hidden, **call.kwargs) - call.hidden
+        for call, update in zip(getattr(calls, "data", calls), updates):
             signal = torch.log(update.norm(dim=-1) + 1e-6)
             for b in range(call.hidden.shape[0]):
                 real = call.real[b]
@@ -305,11 +311,11 @@ def _router_targets(module: MoDBlock, calls) -> tuple[torch.Tensor, torch.Tensor
     return torch.cat(xs), torch.cat(ts)
 
 
-def init_router(module: MoDBlock, calls, ridge: float = 1e-2) -> float:
-    """Fit the router to rank tokens by how much the block changes them (ridge regression), scaled so
-    its scores start with std ROUTER_INIT_STD. Returns the correlation of the fitted scores with the
-    signal on the captured tokens."""
-    x, t = _router_targets(module, calls)
+def init_router(module: MoDBlock, calls, updates: list[torch.Tensor], ridge: float = 1e-2) -> float:
+    """Fit the router to rank tokens by how much the block changes them (ridge regression; `updates`
+    from `block_updates`), scaled so its scores start with std ROUTER_INIT_STD. Returns the
+    correlation of the fitted scores with the signal on the captured tokens."""
+    x, t = _router_targets(calls, updates)
     x = x.double()
     mean = x.mean(0)
     xc = x - mean
@@ -324,19 +330,18 @@ def init_router(module: MoDBlock, calls, ridge: float = 1e-2) -> float:
     return float(torch.corrcoef(torch.stack([fitted, t.double()]))[0, 1])
 
 
-def fit_skip_path(module: MoDBlock, calls, ridge: float = 1e-2) -> float:
+def fit_skip_path(module: MoDBlock, calls, updates: list[torch.Tensor], ridge: float = 1e-2) -> float:
     """Fit the skip path to the block's own update on the tokens the routing skips (captured calls):
     ridge regression from the block input, cut to the skip path's rank (reduced-rank regression:
     the fitted map projected on the top right singular vectors of its outputs). Returns the share of
     the skipped tokens' update variance it explains."""
-    xs, updates = [], []
+    xs, targets = [], []
     with torch.no_grad():
-        for call in getattr(calls, "data", calls):
+        for call, update in zip(getattr(calls, "data", calls), updates):
             skipped = module.skipped_tokens(call.hidden, **call.kwargs) & call.real
-            update = module.block_forward(call.hidden, **call.kwargs) - call.hidden
             xs.append(call.hidden[skipped])
-            updates.append(update[skipped])
-    x, u = torch.cat(xs).double(), torch.cat(updates).double()
+            targets.append(update[skipped])
+    x, u = torch.cat(xs).double(), torch.cat(targets).double()
     if len(x) < 2:
         return 0.0
     x_mean, u_mean = x.mean(0), u.mean(0)
@@ -354,6 +359,44 @@ def fit_skip_path(module: MoDBlock, calls, ridge: float = 1e-2) -> float:
         module.skip[1].weight[:, : up.shape[0]].copy_(up.T.to(module.skip[1].weight.dtype))
         module.skip[1].bias.copy_((u_mean - x_mean @ down @ up).to(module.skip[1].bias.dtype))
     return explained
+
+
+def fit_predictor(predictor: nn.Linear, router: nn.Linear, calls, capacity: float, iterations: int = 60) -> float:
+    """Fit a decoder's `predictor` (route when it scores above 0) to reproduce the router's
+    per-sequence top-capacity choices (`top_capacity`) on the captured calls: logistic regression
+    from the router's own direction, then its bias set so that it routes `capacity` of the
+    calibration tokens. Returns its accuracy there."""
+    xs, labels = [], []
+    with torch.no_grad():
+        for call in getattr(calls, "data", calls):
+            index, valid, _ = top_capacity(router(call.hidden).squeeze(-1), call.real, capacity)
+            xs.append(call.hidden[call.real])
+            labels.append(_chosen(index, valid, call.real.shape[1])[call.real])
+    x, y = torch.cat(xs).double(), torch.cat(labels)
+    mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
+    z = (x - mean) / std
+    w = (router.weight[0].double() * std).detach().clone()
+    w = (w / w.norm().clamp(min=1e-12)).requires_grad_(True)
+    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.LBFGS([w, b], max_iter=iterations, line_search_fn="strong_wolfe")
+    target = y.double()
+
+    def closure():
+        optimizer.zero_grad()
+        loss = nn.functional.binary_cross_entropy_with_logits(z @ w + b, target) + 1e-4 * (w @ w)
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    with torch.no_grad():
+        logits = z @ w
+        threshold = torch.quantile(logits, 1.0 - capacity) if capacity < 1.0 else logits.min() - 1.0
+        weight = w / std
+        predictor.weight.copy_(weight[None, :].to(predictor.weight.dtype))
+        predictor.bias.copy_((-(mean @ weight) - threshold)[None].to(predictor.bias.dtype))
+        decided = predictor(x.to(predictor.weight.dtype)).squeeze(-1) > 0
+    return float((decided == y).double().mean())
 
 
 class MoDVariant(BlockVariant):
@@ -382,11 +425,12 @@ class MoDVariant(BlockVariant):
         for name, p in module.named_parameters():
             is_router = name.startswith("router.")
             p.requires_grad_(self.cfg.train == "both" or (self.cfg.train == "router") == is_router)
-        record = {"router_correlation": init_router(module, calls)}
+        updates = block_updates(module, calls)
+        record = {"router_correlation": init_router(module, calls, updates)}
         if module.decoder is not None:
             module.predictor.requires_grad_(False)  # a decision, not trained by gradient
             record["predictor_accuracy"] = fit_predictor(module.predictor, module.router, calls, self.cfg.capacity)
         if module.skip is not None:
-            record["skip_explained"] = fit_skip_path(module, calls)
+            record["skip_explained"] = fit_skip_path(module, calls, updates)
         module.init_record = record  # reported with the layer (ccli.distill.LayerReport.init)
 

@@ -4,7 +4,7 @@ Top-k over a sequence (the encoder's rule, ccli.variants.mod) is not causal: whe
 among a sequence's best depends on tokens that come after it, which generation has not seen yet. A
 decoder's routed block therefore decides per token, with a small **predictor** (a linear map H -> 1:
 route when it scores above 0) fitted to reproduce the router's top-k choices on calibration
-sequences (`fit_predictor`), as the paper does for sampling. The same rule runs in every forward
+sequences (`ccli.variants.mod.fit_predictor`), as the paper does for sampling. The same rule runs in every forward
 pass (training, prefill, decoding), so generation with the KV cache makes exactly the decisions a
 full forward over the same tokens makes.
 
@@ -24,8 +24,8 @@ attention module, so grouped K/V heads, scaling and the configured implementatio
 
 from __future__ import annotations
 
+import functools
 import inspect
-import math
 import sys
 from abc import ABC, abstractmethod
 
@@ -157,12 +157,18 @@ def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(1, index.reshape(*index.shape, *([1] * (x.dim() - 2))).expand(*index.shape, *x.shape[2:]))
 
 
+@functools.cache
+def _positional_names(block_class: type) -> tuple[str, ...]:
+    """The names of a block class's forward parameters after self and the hidden states (read once
+    per class: every routed block's every forward binds its call)."""
+    return tuple(inspect.signature(block_class.forward).parameters)[2:]
+
+
 def bind_call(block: nn.Module, hidden_states, args, kwargs) -> dict:
     """The original block's keyword arguments, positional ones named (GPT-2's blocks take the cache
     and the mask by position) and the cache under one name, `cache`, whichever the version uses."""
-    original = type(block).__bases__[-1].forward  # the block class wrap_block mixed in
-    params = list(inspect.signature(original).parameters)[2:]  # after self and the hidden states
-    bound = {**dict(zip(params, args)), **kwargs}
+    names = _positional_names(type(block).__bases__[-1])  # the block class wrap_block mixed in
+    bound = {**dict(zip(names, args)), **kwargs}
     if "past_key_values" in bound and bound.get("cache") is None:
         bound["cache"] = bound.pop("past_key_values")
     return bound
@@ -174,7 +180,7 @@ def real_query_tokens(attention_mask, batch: int, seq: int, device) -> torch.Ten
     tokens' columns), padding may not. None: no padding."""
     if attention_mask is None:
         return torch.ones(batch, seq, dtype=torch.bool, device=device)
-    allowed = _allowed(attention_mask)
+    allowed = mask_allows(attention_mask)
     if allowed.dim() == 2:
         return allowed[:, -seq:]
     diag = torch.arange(seq, device=allowed.device)
@@ -182,7 +188,9 @@ def real_query_tokens(attention_mask, batch: int, seq: int, device) -> torch.Ten
     return allowed.expand(batch, allowed.shape[1], seq, allowed.shape[-1])[:, 0, diag, past + diag]
 
 
-def _allowed(mask: torch.Tensor) -> torch.Tensor:
+def mask_allows(mask: torch.Tensor) -> torch.Tensor:
+    """An attention or padding mask as bool, True where attending is allowed: bool masks as they
+    are, 2-D padding masks where 1, additive float masks where not the dtype's minimum."""
     if mask.dtype == torch.bool:
         return mask
     if mask.dim() == 2:
@@ -197,25 +205,25 @@ def routed_query_mask(attention_mask, index, valid, past: int, kv_len: int, dtyp
     batch, k = index.shape
     keys = torch.arange(kv_len, device=index.device)
     if attention_mask is not None and attention_mask.dim() == 4:
-        allowed = _allowed(attention_mask)
+        allowed = mask_allows(attention_mask)
         allowed = allowed.expand(batch, allowed.shape[1], allowed.shape[2], kv_len)
         allowed = allowed.gather(2, index[:, None, :, None].expand(batch, allowed.shape[1], k, kv_len))
     else:
         allowed = keys[None, None, None, :] <= (past + index)[:, None, :, None]
         if attention_mask is not None:  # a 2-D padding mask over the keys
-            allowed = allowed & _allowed(attention_mask)[:, None, None, -kv_len:]
+            allowed = allowed & mask_allows(attention_mask)[:, None, None, -kv_len:]
     allowed = allowed | ~valid[:, None, :, None]
     return torch.zeros((), dtype=dtype, device=index.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
 def routed_positions(routed: torch.Tensor):
-    """(index, valid, counts) for a (batch, seq) bool decision: each sequence's routed positions in
+    """(index, valid) for a (batch, seq) bool decision: each sequence's routed positions in
     increasing order, padded to the longest with position 0 (valid says which slots are used)."""
     counts = routed.sum(dim=1)
     k_max = int(counts.max()) if routed.numel() else 0
     order = torch.sort((~routed).to(torch.int8), dim=1, stable=True).indices[:, :k_max]
     valid = torch.arange(k_max, device=routed.device)[None, :] < counts[:, None]
-    return torch.where(valid, order, torch.zeros_like(order)), valid, counts
+    return torch.where(valid, order, torch.zeros_like(order)), valid
 
 
 def run_routed(parts: DecoderParts, hidden: torch.Tensor, routed: torch.Tensor, bound: dict):
@@ -225,7 +233,7 @@ def run_routed(parts: DecoderParts, hidden: torch.Tensor, routed: torch.Tensor, 
 
     attn = parts.attention
     batch, seq, _ = hidden.shape
-    index, valid, _ = routed_positions(routed)
+    index, valid = routed_positions(routed)
     cache = bound.get("cache")
     if index.shape[1] == 0 and cache is None:
         return hidden[:, :0], index, valid
@@ -244,46 +252,3 @@ def run_routed(parts: DecoderParts, hidden: torch.Tensor, routed: torch.Tensor, 
     routed_in = _rows(hidden, index)
     attended = routed_in + parts.output(context.reshape(batch, index.shape[1], -1).contiguous())
     return parts.ffn(attended), index, valid
-
-
-def fit_predictor(predictor: nn.Linear, router: nn.Linear, calls, capacity: float, iterations: int = 60) -> float:
-    """Fit `predictor` (route when it scores above 0) to reproduce the router's per-sequence top-k
-    choices on the captured calls: logistic regression from the router's own direction, then its
-    bias set so that it routes `capacity` of the calibration tokens. Returns its accuracy there."""
-    xs, labels = [], []
-    with torch.no_grad():
-        for call in getattr(calls, "data", calls):
-            scores = router(call.hidden).squeeze(-1)
-            for b in range(call.hidden.shape[0]):
-                real = call.real[b]
-                s = scores[b][real]
-                k = min(len(s), max(1, math.ceil(capacity * len(s))))
-                label = torch.zeros(len(s), dtype=torch.bool)
-                label[s.topk(k).indices] = True
-                xs.append(call.hidden[b][real])
-                labels.append(label)
-    x, y = torch.cat(xs).double(), torch.cat(labels)
-    mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
-    z = (x - mean) / std
-    w = (router.weight[0].double() * std).detach().clone()
-    w = (w / w.norm().clamp(min=1e-12)).requires_grad_(True)
-    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
-    optimizer = torch.optim.LBFGS([w, b], max_iter=iterations, line_search_fn="strong_wolfe")
-    target = y.double()
-
-    def closure():
-        optimizer.zero_grad()
-        loss = nn.functional.binary_cross_entropy_with_logits(z @ w + b, target) + 1e-4 * (w @ w)
-        loss.backward()
-        return loss
-
-    with torch.enable_grad():
-        optimizer.step(closure)
-    with torch.no_grad():
-        logits = z @ w
-        threshold = torch.quantile(logits, 1.0 - capacity) if capacity < 1.0 else logits.min() - 1.0
-        weight = w / std
-        predictor.weight.copy_(weight[None, :].to(predictor.weight.dtype))
-        predictor.bias.copy_((-(mean @ weight) - threshold)[None].to(predictor.bias.dtype))
-        decided = predictor(x.to(predictor.weight.dtype)).squeeze(-1) > 0
-    return float((decided == y).double().mean())
