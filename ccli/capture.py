@@ -1,6 +1,7 @@
 """Capturing a unit's real inputs from a model's forward passes, for distillation and measurement.
 
-Two kinds, one interface (`draw` a training batch, `run` a module on some or all of it, `targets`):
+Two kinds, one interface (`draw` a training batch, `run` a module on some or all of it, `targets`,
+and `error`, the distillation loss that suits the rows):
 - `TokenRows`: the real (non-padding) token rows (tokens, features) reaching a module: FFN and
   linear units, which act on every token alike;
 - `BlockCalls`: whole calls of a block: its hidden states (batch, seq, H), the real-token mask and
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from .measure.errors import relative_error, token_relative_error
 
 
 class _Stop(Exception):
@@ -110,6 +113,9 @@ class TokenRows:
     def targets(self, y: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
         return y if index is None else y[index]
 
+    # a unit's output rows (an FFN's, a linear's): squared errors pooled over tokens
+    error = staticmethod(relative_error)
+
 
 class BlockCalls:
     """Whole calls of a block: a batch is one captured call (a padded batch of sequences); outputs
@@ -144,6 +150,10 @@ class BlockCalls:
         for c in self.data:
             starts.append(starts[-1] + int(c.real.sum()))
         return torch.cat([y[starts[i]:starts[i + 1]] for i in index])
+
+    # a block's output rows are residual-stream states, rescaled per token by the next norm: each
+    # token's own relative error, averaged (a pooled error would weigh only the massive tokens)
+    error = staticmethod(token_relative_error)
 
 
 def collect_block_calls(model: nn.Module, path: str, batches: list[dict], tokens: int) -> BlockCalls:

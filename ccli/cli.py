@@ -207,7 +207,7 @@ def _convert_signature() -> inspect.Signature:
         option("anchor", Optional[float], "--anchor",
                help="Pull converted weights toward their initialisation from the dense layer, with this strength (default 0)."),
         option("e2e_target", Optional[str], "--e2e-target",
-               help="End-to-end loss on the final hidden states (last, default) or on every block's output (all)."),
+               help="End-to-end loss on the final hidden states (last, default), on every block's output (all), or for a language model on the next-token distributions (logits: KL from the original)."),
         option("data", Optional[str], "--data", help="Training text: bundled (its training domains), bundled:NAME[,NAME], a .txt or .jsonl file, or hf:NAME; scored per domain."),
         option("out", Optional[str], "--out", "-o", help="Directory to save the converted model in."),
         inspect.Parameter("heldout_paragraphs", inspect.Parameter.KEYWORD_ONLY, annotation=int, default=typer.Option(

@@ -8,7 +8,7 @@ linear layers (ternary) or whole blocks (mod). Conversion runs in two stages, th
    of the training batches (token rows, or whole calls for block units), so the batches must come in
    random order (`data.training_text` shuffles the text). It computes the teacher's outputs on those
    inputs, builds the new module from the dense one (`unit.build`) and trains it to match (relative MSE,
-   plus each converted module's own `auxiliary_loss()`, e.g. a router's regression). A progress checkpoint is written
+   per token for block units: `error` of ccli.capture, plus each converted module's own `auxiliary_loss()`, e.g. a router's regression). A progress checkpoint is written
    after every unit, and every two minutes during stage 2.
 2. Optionally end to end: all converted modules are trained together so that the student's hidden
    states match the teacher's on the same text: the final ones (`e2e_target="last"`), or every
@@ -39,12 +39,12 @@ from torch import nn
 from .arch import view
 from .capture import TokenRows, capture
 from .errors import CcliError
-from .measure.fidelity import relative_error
+from .measure.errors import relative_error
 from .progress import Progress
 from .safety import load_progress_file, option_name, plain_random_state, random_state, writing
 from .variants.base import Variant, converted_modules
 
-E2E_TARGETS = ("last", "all")
+E2E_TARGETS = ("last", "all", "logits")
 
 
 @dataclass
@@ -59,7 +59,8 @@ class DistillConfig:
     max_length: int = 128
     e2e_batch: int = 16  # sequences per end-to-end step
     short_spans: float = 0.0  # add this fraction of short random spans to the training text (data.with_short_spans)
-    e2e_target: str = "last"  # end-to-end loss on the final hidden states ("last") or every block's output ("all")
+    e2e_target: str = "last"  # end-to-end loss on the final hidden states ("last"), every block's output ("all")
+    # or, for a language model, KL(teacher || student) of the next-token distributions ("logits")
     anchor: float = 0.0  # pull each converted module's weights toward their initialisation (`anchor_penalty`)
     layers: list[int] | None = None  # which blocks to convert (None: all)
 
@@ -125,7 +126,7 @@ def fit_layer(layer: nn.Module, x, y: torch.Tensor, cfg: DistillConfig, seed: in
     before = _eval_error(layer, x, y)
     for step in range(cfg.steps):
         idx = x.draw(generator, cfg.batch_tokens)
-        loss = relative_error(x.run(layer, idx), x.targets(y, idx)) + auxiliary_loss([layer]) + anchor_penalty([layer], cfg.anchor)
+        loss = x.error(x.run(layer, idx), x.targets(y, idx)) + auxiliary_loss([layer]) + anchor_penalty([layer], cfg.anchor)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -183,7 +184,7 @@ def _eval_error(layer: nn.Module, x, y: torch.Tensor) -> float:
     was_training = layer.training
     layer.eval()
     with torch.no_grad():
-        err = relative_error(x.run(layer), y).item()
+        err = x.error(x.run(layer), y).item()
     layer.train(was_training)
     return err
 
@@ -214,6 +215,8 @@ def distill(
     training needs (the latent weights without which a ternary linear's weights cannot train), for
     a later call whose end-to-end stage trains them too."""
     cfg.validate()
+    if cfg.e2e_steps and cfg.e2e_target == "logits" and not has_lm_head(student):
+        raise CcliError("--e2e-target logits needs a language model (a model with an LM head); use last or all")
     progress = progress or Progress(enabled=False)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -295,16 +298,33 @@ def _hidden(out) -> torch.Tensor:
 
 
 def compared_states(out, mask: torch.Tensor, target: str) -> list[torch.Tensor]:
-    """The hidden states the end-to-end loss compares, on the real (non-padding) tokens: the final ones
-    ("last"), or every block's output ("all"; hidden_states[0] is the embedding output, which no block
-    has touched)."""
+    """What the end-to-end loss compares, on the real (non-padding) tokens: the final hidden states
+    ("last"), every block's output ("all"; hidden_states[0] is the embedding output, which no block
+    has touched), or the LM head's logits ("logits")."""
     real = mask.bool()
+    if target == "logits":
+        return [out.logits[real].float()]
     states = [_hidden(out)] if target == "last" else list(out.hidden_states[1:])
     return [h[real] for h in states]
 
 
+def end_to_end_error(student_states: list[torch.Tensor], teacher_states: list[torch.Tensor], target: str) -> torch.Tensor:
+    """The end-to-end loss: for "logits" the mean per-token KL(teacher || student) of the next-token
+    distributions; otherwise the mean relative error of the compared hidden states."""
+    if target == "logits":
+        t_logp = torch.log_softmax(teacher_states[0], -1)
+        s_logp = torch.log_softmax(student_states[0], -1)
+        return (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean()
+    return hidden_state_error(student_states, teacher_states)
+
+
+def has_lm_head(model: nn.Module) -> bool:
+    get = getattr(model, "get_output_embeddings", None)
+    return get is not None and get() is not None
+
+
 def hidden_state_error(student_states: list[torch.Tensor], teacher_states: list[torch.Tensor]) -> torch.Tensor:
-    """The end-to-end loss: the mean relative error of the compared hidden states."""
+    """The mean relative error of the compared hidden states."""
     return sum(relative_error(s, t) for s, t in zip(student_states, teacher_states)) / len(student_states)
 
 
@@ -376,14 +396,15 @@ def end_to_end(student: nn.Module, teacher: nn.Module, batches: list[dict], cfg:
 
     task = progress.task("end to end", cfg.e2e_steps)
     progress.update(task, advance=len(losses))
-    what = "hidden-state rel. error" if cfg.e2e_target == "last" else "mean block-output rel. error"
+    what = {"last": "hidden-state rel. error", "all": "mean block-output rel. error", "logits": "next-token KL"}[cfg.e2e_target]
     for step in range(len(losses), cfg.e2e_steps):
         picked = generator.sample(pool, min(cfg.e2e_batch, len(pool)))
         ids, mask = _pad([p[0] for p in picked], [p[1] for p in picked])
         kwargs = {"input_ids": ids, "attention_mask": mask}
         with torch.no_grad():
             target = compared_states(teacher(**kwargs, output_hidden_states=True), mask, cfg.e2e_target)
-        loss = hidden_state_error(compared_states(student(**kwargs, output_hidden_states=True), mask, cfg.e2e_target), target)
+        loss = end_to_end_error(compared_states(student(**kwargs, output_hidden_states=True), mask, cfg.e2e_target), target,
+                                cfg.e2e_target)
         aux = auxiliary_loss(layers) + anchor_penalty(layers, cfg.anchor)
         optimizer.zero_grad(set_to_none=True)
         (loss + aux).backward()
@@ -420,7 +441,7 @@ def _probe_error(student: nn.Module, teacher: nn.Module, probe: list[tuple[torch
         for ids, mask in probe:
             preds.append(compared_states(student(input_ids=ids, attention_mask=mask, output_hidden_states=True), mask, target))
             targets.append(compared_states(teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True), mask, target))
-    return hidden_state_error([torch.cat(s) for s in zip(*preds)], [torch.cat(t) for t in zip(*targets)]).item()
+    return end_to_end_error([torch.cat(s) for s in zip(*preds)], [torch.cat(t) for t in zip(*targets)], target).item()
 
 
 def _pad(ids: list[torch.Tensor], masks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from ccli.distill import DistillConfig, compared_states, distill, hidden_state_error
+from ccli.distill import DistillConfig, compared_states, distill, end_to_end_error, hidden_state_error
 from ccli.measure.fidelity import relative_error
 from ccli.errors import CcliError
 from ccli.variants.ternary import TernaryVariant
@@ -51,8 +51,38 @@ def test_end_to_end_on_every_block_output_trains_and_is_kept():
     assert sum(report.e2e_losses[-5:]) < sum(report.e2e_losses[:5])
 
 
+def test_logits_target_is_the_mean_next_token_kl_and_trains_a_language_model():
+    teacher = tiny("llama")
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        student.model.layers[LAYERS - 1].mlp.down_proj.weight.mul_(1.5)
+    ids, mask = _batch()
+    with torch.no_grad():
+        s, t = (compared_states(m(input_ids=ids, attention_mask=mask), mask, "logits") for m in (student, teacher))
+    assert s[0].shape == (int(mask.sum()), teacher.config.vocab_size)
+    expected = torch.nn.functional.kl_div(torch.log_softmax(s[0], -1), torch.log_softmax(t[0], -1),
+                                          log_target=True, reduction="batchmean")
+    assert end_to_end_error(s, t, "logits").item() == pytest.approx(expected.item(), rel=1e-5)
+    assert end_to_end_error(t, t, "logits").item() == pytest.approx(0.0, abs=1e-6)
+
+    g = torch.Generator().manual_seed(1)
+    batches = [{"input_ids": torch.randint(3, 100, (4, 12), generator=g),
+                "attention_mask": torch.ones(4, 12, dtype=torch.long)} for _ in range(4)]
+    cfg = DistillConfig(steps=2, tokens=64, batch_tokens=32, e2e_steps=30, e2e_batch=4, e2e_lr=3e-3, e2e_target="logits")
+    _, report = distill(copy.deepcopy(teacher), teacher, TernaryVariant(targets="all"), batches, cfg)
+    assert report.e2e_kept is True
+    assert sum(report.e2e_losses[-5:]) < sum(report.e2e_losses[:5])
+
+
+def test_logits_target_on_a_model_without_an_lm_head_is_refused_before_training():
+    teacher = tiny("bert")
+    cfg = DistillConfig(steps=1, tokens=8, e2e_steps=1, e2e_target="logits")
+    with pytest.raises(CcliError, match="--e2e-target logits needs a language model"):
+        distill(copy.deepcopy(teacher), teacher, TernaryVariant(targets="all"), [], cfg)
+
+
 def test_unknown_end_to_end_target_is_a_clear_error():
-    with pytest.raises(CcliError, match="--e2e-target must be one of last, all"):
+    with pytest.raises(CcliError, match="--e2e-target must be one of last, all, logits"):
         DistillConfig(e2e_target="first").validate()
 
 
@@ -130,3 +160,20 @@ def test_anchor_keeps_training_closer_to_the_initialisation():
                for m_a, m_f in zip(converted_modules(student), converted_modules(reference))
                for n, p in m_f.named_parameters() if n in anchored_names)
     assert moved[50.0] < 0.5 * free
+
+
+def test_block_units_weigh_every_token_alike_whatever_its_scale():
+    # a residual stream with one "massive activation" token (as SmolLM2's first token): the pooled
+    # relative error hardly sees a wrong ordinary token, the per-token one block units train on does
+    from ccli.capture import BlockCall, BlockCalls, TokenRows
+    from ccli.measure.errors import token_relative_error
+
+    target = torch.randn(8, 16)
+    target[0] *= 1000.0
+    pred = target.clone()
+    pred[3] = -target[3]  # one ordinary token pointing the wrong way
+    assert relative_error(pred, target).item() < 1e-3
+    assert token_relative_error(pred, target).item() == pytest.approx(4.0 / 8, rel=1e-5)  # ||2t||^2 / ||t||^2, one of 8
+    calls = BlockCalls([BlockCall(target[None], {}, torch.ones(1, 8, dtype=torch.bool))])
+    assert calls.error(pred, target).item() == pytest.approx(token_relative_error(pred, target).item())
+    assert TokenRows(target).error(pred, target).item() == pytest.approx(relative_error(pred, target).item())

@@ -30,14 +30,9 @@ from torch import nn
 from ..arch import view
 from ..capture import collect_ffn_inputs
 from ..errors import CcliError
+from .errors import relative_error
 
 SHORT_WORDS = 6
-
-
-def relative_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """||pred - target||^2 / ||target - mean(target)||^2: 0 is perfect, 1 is as bad as predicting the mean."""
-    centred = target - target.mean(0, keepdim=True)
-    return (pred - target).pow(2).sum() / centred.pow(2).sum().clamp_min(1e-12)
 
 
 def _halves(paragraphs: list[str]) -> tuple[list[str], list[str]]:
