@@ -248,8 +248,9 @@ def test_decoder_capacity_one_is_the_block_with_its_update_scaled(family):
     assert module.routing()["tokens"] == 18
 
 
+@pytest.mark.parametrize("batch", [1, 2])  # batch 1 decodes through MoDBlock.one_token_forward
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
-def test_decoding_with_the_kv_cache_routes_and_outputs_as_a_full_forward(family):
+def test_decoding_with_the_kv_cache_routes_and_outputs_as_a_full_forward(family, batch):
     """Prefill 4 tokens, then one token at a time with the cache: each step's decisions in every
     routed block and its logits equal the full forward's over the same tokens."""
     from transformers import DynamicCache
@@ -260,7 +261,7 @@ def test_decoding_with_the_kv_cache_routes_and_outputs_as_a_full_forward(family)
     hooks = [m.register_forward_pre_hook(
         lambda mod, args, kwargs: decided.append(mod.decisions(args[0], torch.ones(args[0].shape[:2], dtype=torch.bool))),
         with_kwargs=True) for m in modules]
-    ids = torch.randint(1, 100, (2, 12), generator=torch.Generator().manual_seed(5))
+    ids = torch.randint(1, 100, (2, 12), generator=torch.Generator().manual_seed(5))[:batch]
     with torch.no_grad():
         full = model(input_ids=ids, use_cache=False).logits
         full_decisions = torch.stack(decided)
