@@ -40,15 +40,19 @@ def test_all_blocks_target_is_the_mean_of_every_block_outputs_error():
     assert hidden_state_error(last_s, last_t).item() == pytest.approx(per_block[-1])
 
 
-def test_end_to_end_on_every_block_output_trains_and_is_kept():
-    teacher = tiny("bert")
+def _assert_end_to_end_trains(teacher, target: str) -> None:
+    """Every linear of `teacher` ternary, then 30 end-to-end steps on `target`: kept, and the loss fell."""
     g = torch.Generator().manual_seed(1)
     batches = [{"input_ids": torch.randint(3, 100, (4, 12), generator=g),
                 "attention_mask": torch.ones(4, 12, dtype=torch.long)} for _ in range(4)]
-    cfg = DistillConfig(steps=2, tokens=64, batch_tokens=32, e2e_steps=30, e2e_batch=4, e2e_lr=3e-3, e2e_target="all")
+    cfg = DistillConfig(steps=2, tokens=64, batch_tokens=32, e2e_steps=30, e2e_batch=4, e2e_lr=3e-3, e2e_target=target)
     _, report = distill(copy.deepcopy(teacher), teacher, TernaryVariant(targets="all"), batches, cfg)
     assert report.e2e_kept is True
     assert sum(report.e2e_losses[-5:]) < sum(report.e2e_losses[:5])
+
+
+def test_end_to_end_on_every_block_output_trains_and_is_kept():
+    _assert_end_to_end_trains(tiny("bert"), "all")
 
 
 def test_logits_target_is_the_mean_next_token_kl_and_trains_a_language_model():
@@ -64,14 +68,7 @@ def test_logits_target_is_the_mean_next_token_kl_and_trains_a_language_model():
                                           log_target=True, reduction="batchmean")
     assert end_to_end_error(s, t, "logits").item() == pytest.approx(expected.item(), rel=1e-5)
     assert end_to_end_error(t, t, "logits").item() == pytest.approx(0.0, abs=1e-6)
-
-    g = torch.Generator().manual_seed(1)
-    batches = [{"input_ids": torch.randint(3, 100, (4, 12), generator=g),
-                "attention_mask": torch.ones(4, 12, dtype=torch.long)} for _ in range(4)]
-    cfg = DistillConfig(steps=2, tokens=64, batch_tokens=32, e2e_steps=30, e2e_batch=4, e2e_lr=3e-3, e2e_target="logits")
-    _, report = distill(copy.deepcopy(teacher), teacher, TernaryVariant(targets="all"), batches, cfg)
-    assert report.e2e_kept is True
-    assert sum(report.e2e_losses[-5:]) < sum(report.e2e_losses[:5])
+    _assert_end_to_end_trains(teacher, "logits")
 
 
 def test_logits_target_on_a_model_without_an_lm_head_is_refused_before_training():
