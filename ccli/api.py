@@ -172,16 +172,19 @@ def bench(
         if with_baselines:
             variants += [(name, name) for name in baselines.BASELINES if name != "int8-dynamic" or device == "cpu"]
         model_rows = []
-        for variant, source in variants:
+        if generate is not None:  # every row built first: their runs are interleaved (time_generation)
+            models = [(baselines.build(source, base.model) if isinstance(source, str) else source).to(device)
+                      for _, source in variants]
+            timings = time_generation(models, inputs["input_ids"].to(device), generate, device=device,
+                                      threads=threads, min_run_time=min_run_time)
+            model_rows += [generation_row(loaded.name, variant, device, seq, generate, threads, timing, loaded.random_init)
+                           for (variant, _), timing in zip(variants, timings)]
+            del models
+            gc.collect()
+        for variant, source in variants if generate is None else []:
             model = baselines.build(source, base.model) if isinstance(source, str) else source
-            if generate is not None:
-                timing = time_generation(model.to(device), inputs["input_ids"].to(device), generate, device=device,
-                                         threads=threads, min_run_time=min_run_time)
-                model_rows.append(generation_row(loaded.name, variant, device, seq, generate, threads, timing,
-                                                 loaded.random_init))
-            else:
-                timing = _time_forward(model, inputs, device, threads, min_run_time)
-                model_rows.append(_bench_row(loaded, variant, device, batch, seq, threads, timing))
+            timing = _time_forward(model, inputs, device, threads, min_run_time)
+            model_rows.append(_bench_row(loaded, variant, device, batch, seq, threads, timing))
             if isinstance(source, str):
                 del model
                 gc.collect()

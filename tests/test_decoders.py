@@ -127,6 +127,21 @@ def test_bench_generate_times_the_model_and_its_reference_rows(tiny_dirs, tmp_pa
     assert rows[1]["speedup"] == pytest.approx(rows[0]["decode_ms_per_token"] / rows[1]["decode_ms_per_token"], rel=1e-2)
 
 
+def test_generation_timing_interleaves_the_rows(monkeypatch):
+    """Each model warms up once, then the timed runs go round the models in turn (so the machine's
+    drift hits every row alike) until each has its runs and its time."""
+    from ccli.measure import generation
+
+    calls = []
+    monkeypatch.setattr(generation, "greedy_generate",
+                        lambda model, ids, n, sync, clock=None: (calls.append(model), clock is not None and clock.extend([1e-3, 2e-3])))
+    timings = generation.time_generation(["a", "b", "c"], torch.zeros(1, 4, dtype=torch.long), 2, min_run_time=0.0,
+                                         min_runs=3)
+    assert calls == ["a", "b", "c"] + ["a", "b", "c"] * 3
+    assert [t.runs for t in timings] == [3, 3, 3]
+    assert timings[0].prefill_ms == pytest.approx(1.0) and timings[0].decode_ms == pytest.approx(2.0)
+
+
 def test_bench_generate_cli_table_and_json(tiny_dirs):
     runner = CliRunner()
     result = runner.invoke(app, ["bench", tiny_dirs["gpt2"], "--generate", "3", "--seq", "6", "--min-time", "0.05",

@@ -2,7 +2,8 @@
 decode (one token per forward pass, reusing the cache), each with its own median and spread.
 
 Every timed run starts from an empty cache: prefill the prompt, then `new_tokens` decode steps,
-each feeding the previous step's greedy token. Decode tokens/s is new_tokens / decode time.
+each feeding the previous step's greedy token. Decode tokens/s is new_tokens / decode time. The rows
+of one bench are timed in interleaved rounds (`time_generation`).
 """
 
 from __future__ import annotations
@@ -79,32 +80,42 @@ def stepwise_generate(model, input_ids: torch.Tensor, new_tokens: int) -> torch.
     return ids
 
 
-def time_generation(model, input_ids: torch.Tensor, new_tokens: int, *, device: str = "cpu", threads: int = 1,
-                    warmup: int = 1, min_run_time: float = 2.0, min_runs: int = 3) -> GenerationTiming:
-    """Time prefill and decode over repeated runs (after `warmup` untimed ones) until
-    `min_run_time` seconds have passed and at least `min_runs` runs were made."""
+def time_generation(models: list, input_ids: torch.Tensor, new_tokens: int, *, device: str = "cpu", threads: int = 1,
+                    warmup: int = 1, min_run_time: float = 2.0, min_runs: int = 3) -> list[GenerationTiming]:
+    """Time prefill and decode of each of `models` (after `warmup` untimed runs each) in interleaved
+    rounds: every round runs each model once, in turn, so the machine's drift hits every row alike;
+    rounds go on until each model has had `min_run_time` seconds and at least `min_runs` runs.
+    Returns one timing per model, medians and IQR over its runs."""
     torch.set_num_threads(threads)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        greedy_generate(model, input_ids, new_tokens, sync)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    prefill, decode = [], []
-    start = time.perf_counter()
-    with _peak_rss() as rss:
-        while len(prefill) < min_runs or time.perf_counter() - start < min_run_time:
+    peaks = []
+    for model in models:  # the warm-up run also gives each model's own peak memory
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        with _peak_rss() as rss:
+            for _ in range(max(warmup, 1)):
+                greedy_generate(model, input_ids, new_tokens, sync)
+        peaks.append(torch.cuda.max_memory_allocated() if device == "cuda" else rss["peak"])
+    prefill: list[list[float]] = [[] for _ in models]
+    decode: list[list[float]] = [[] for _ in models]
+    spent = [0.0 for _ in models]
+    while min(len(p) for p in prefill) < min_runs or min(spent) < min_run_time:
+        for i, model in enumerate(models):
             clock: list[float] = []
             greedy_generate(model, input_ids, new_tokens, sync, clock)
-            prefill.append(clock[0])
-            decode.append(clock[1])
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else rss["peak"]
+            prefill[i].append(clock[0])
+            decode[i].append(clock[1])
+            spent[i] += clock[0] + clock[1]
 
     def stats(values):
         t = torch.tensor(values, dtype=torch.float64) * 1e3
         return float(t.median()), float(t.quantile(0.75) - t.quantile(0.25))
 
-    (p_med, p_iqr), (d_med, d_iqr) = stats(prefill), stats(decode)
-    return GenerationTiming(p_med, p_iqr, d_med, d_iqr, len(prefill), round(peak / 2**20, 1))
+    timings = []
+    for p, d, peak in zip(prefill, decode, peaks):
+        (p_med, p_iqr), (d_med, d_iqr) = stats(p), stats(d)
+        timings.append(GenerationTiming(p_med, p_iqr, d_med, d_iqr, len(p), round(peak / 2**20, 1)))
+    return timings
 
 
 def generation_row(name: str, variant: str, device: str, prompt: int, new_tokens: int, threads: int,
