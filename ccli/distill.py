@@ -8,14 +8,17 @@ linear layers (ternary) or whole blocks (mod). Conversion runs in two stages, th
    of the training batches (token rows, or whole calls for block units), so the batches must come in
    random order (`data.training_text` shuffles the text). It computes the teacher's outputs on those
    inputs, builds the new module from the dense one (`unit.build`) and trains it to match (relative MSE,
-   per token for block units: `error` of ccli.capture, plus each converted module's own `auxiliary_loss()`, e.g. a router's regression). A progress checkpoint is written
-   after every unit, and every two minutes during stage 2.
+   per token for block units: the captured rows' `error`, ccli.capture; plus each converted module's
+   own `auxiliary_loss()`, e.g. a router's regression). A progress checkpoint is written after every
+   unit, and every two minutes during stage 2.
 2. Optionally end to end: all converted modules are trained together so that the student's hidden
    states match the teacher's on the same text: the final ones (`e2e_target="last"`), or every
    block's output (`"all"`, the mean of the blocks' relative errors), which keeps each block close to
-   its teacher instead of letting later blocks compensate for earlier ones. Before it starts, every converted module's
-   `prepare_for_end_to_end()` may re-express its trainable state without changing
-   what it computes (ternary linears move their latent weights away from rounding thresholds).
+   its teacher instead of letting later blocks compensate for earlier ones; or, for a language
+   model, so that its next-token distributions do (`"logits"`, KL from the teacher's). Before it
+   starts, every converted module's `prepare_for_end_to_end()` may re-express its trainable state
+   without changing what it computes (ternary linears move their latent weights away from rounding
+   thresholds).
 Finally every converted module's `finalize()` drops what only training needed
 (unless `finalize=False`: a recipe's earlier steps keep it, so the last step's end-to-end stage can
 still train them).
