@@ -248,7 +248,7 @@ def test_decoder_capacity_one_is_the_block_with_its_update_scaled(family):
     assert module.routing()["tokens"] == 18
 
 
-@pytest.mark.parametrize("batch", [1, 2])  # batch 1 decodes through MoDBlock.one_token_forward
+@pytest.mark.parametrize("batch", [1, 2])
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_decoding_with_the_kv_cache_routes_and_outputs_as_a_full_forward(family, batch):
     """Prefill 4 tokens, then one token at a time with the cache: each step's decisions in every

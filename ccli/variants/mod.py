@@ -191,8 +191,6 @@ class MoDBlock(ConvertedModule):
 
     def forward(self, hidden_states, *args, **kwargs):
         if self.decoder is not None:
-            if hidden_states.shape[:2] == (1, 1) and not self.training:
-                return self.one_token_forward(hidden_states, args, kwargs)
             return self.causal_forward(hidden_states, bind_call(self, hidden_states, args, kwargs))
         return self.sequence_forward(hidden_states, *args, **kwargs)
 
@@ -221,26 +219,6 @@ class MoDBlock(ConvertedModule):
             update = torch.where(valid[..., None], (out - routed_in) * scale, torch.zeros_like(out))
             result = hidden_states.scatter_add(1, rows, update)
         return self.skip_update(hidden_states, result, real & ~routed)
-
-    def one_token_forward(self, hidden_states, args, kwargs) -> torch.Tensor:
-        """A decode step at batch 1 (`causal_forward`'s result without its gathering, sorting and
-        masks, whose fixed cost is a large share of a one-token step): a routed token runs the
-        original block as it is, its update scaled; a skipped one only leaves its K/V in the cache and
-        takes the skip path's update."""
-        bound = bind_call(self, hidden_states, args, kwargs)
-        if bound.get("encoder_hidden_states") is not None:
-            raise CcliError("mod: routed blocks with cross-attention are not supported")
-        real = real_query_tokens(bound.get("attention_mask"), 1, 1, hidden_states.device)
-        routed = bool(self.decisions(hidden_states, real)[0, 0])
-        self.last_routing = {"capacity": self.capacity, "tokens": int(routed), "real_tokens": int(real.sum())}
-        if routed:
-            update = self.block_forward(hidden_states, *args, **kwargs) - hidden_states
-            return hidden_states + update * self.update_scale(self.scores(hidden_states))[..., None].to(update.dtype)
-        cache = bound.get("cache")
-        if cache is not None:  # every token leaves its K/V (module doc of mod_causal)
-            keys, values = self.decoder.keys_values(self.decoder.norm(hidden_states), bound)
-            cache.update(keys, values, self.decoder.attention.layer_idx)
-        return self.skip_update(hidden_states, hidden_states, real)
 
     def skip_update(self, hidden_states, result, skipped: torch.Tensor) -> torch.Tensor:
         """`result` with the skip path's update added at the `skipped` (batch, seq) tokens, computed on
