@@ -181,13 +181,14 @@ def bench(
                            for (variant, _), timing in zip(variants, timings)]
             del models
             gc.collect()
-        for variant, source in variants if generate is None else []:
-            model = baselines.build(source, base.model) if isinstance(source, str) else source
-            timing = _time_forward(model, inputs, device, threads, min_run_time)
-            model_rows.append(_bench_row(loaded, variant, device, batch, seq, threads, timing))
-            if isinstance(source, str):
-                del model
-                gc.collect()
+        else:
+            for variant, source in variants:
+                model = baselines.build(source, base.model) if isinstance(source, str) else source
+                timing = _time_forward(model, inputs, device, threads, min_run_time)
+                model_rows.append(_bench_row(loaded, variant, device, batch, seq, threads, timing))
+                if isinstance(source, str):
+                    del model
+                    gc.collect()
         key = "decode_ms_per_token" if generate is not None else "median_ms"
         dense_ms = model_rows[0][key] if variants[0][0] == "dense" else None
         for row in model_rows:

@@ -249,6 +249,12 @@ FAMILIES: dict[str, Family] = {
 }
 
 
+def has_lm_head(model: nn.Module) -> bool:
+    """Whether `model` ends in a language-model head (transformers' output embeddings)."""
+    get = getattr(model, "get_output_embeddings", None)
+    return get is not None and get() is not None
+
+
 def family_of(model: nn.Module) -> str:
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in FAMILIES:

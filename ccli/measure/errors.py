@@ -12,6 +12,11 @@ def relative_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (pred - target).pow(2).sum() / centred.pow(2).sum().clamp_min(1e-12)
 
 
+def token_kl(teacher_logp: torch.Tensor, student_logp: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) of each row's distribution, from log-probabilities (rows, classes)."""
+    return (teacher_logp.exp() * (teacher_logp - student_logp)).sum(-1)
+
+
 def token_relative_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """The mean over tokens (rows) of ||pred - target||^2 / ||target||^2: every token weighs alike,
     whatever its scale. For hidden states of the residual stream, which the next norm rescales per

@@ -30,7 +30,7 @@ from torch import nn
 from ..arch import view
 from ..capture import collect_ffn_inputs
 from ..errors import CcliError
-from .errors import relative_error
+from .errors import relative_error, token_kl
 
 SHORT_WORDS = 6
 
@@ -116,7 +116,7 @@ def compare(student: nn.Module, teacher: nn.Module, tokenizer, paragraphs: list[
             target = enc["input_ids"][:, 1:][shift]
             t_logp = torch.log_softmax(t_logits[:, :-1][shift].float(), -1)
             s_logp = torch.log_softmax(s_logits[:, :-1][shift].float(), -1)
-            kl_sum += (t_logp.exp() * (t_logp - s_logp)).sum().item()
+            kl_sum += token_kl(t_logp, s_logp).sum().item()
             nll_t -= t_logp.gather(1, target[:, None]).sum().item()
             nll_s -= s_logp.gather(1, target[:, None]).sum().item()
             top1_same += (t_logp.argmax(-1) == s_logp.argmax(-1)).sum().item()

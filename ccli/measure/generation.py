@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..arch import has_lm_head
 from ..errors import CcliError
 from .timing import _peak_rss
 
@@ -30,8 +31,7 @@ class GenerationTiming:
 
 def check_generative(model, name: str) -> None:
     """A one-line error unless `model` is a decoder language model (it has an LM head and a cache)."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is None or getattr(model.config, "is_encoder_decoder", False) or not hasattr(model, "generate"):
+    if not has_lm_head(model) or getattr(model.config, "is_encoder_decoder", False) or not hasattr(model, "generate"):
         raise CcliError(f"--generate needs a decoder language model with an LM head; '{name}' "
                         f"({model.config.model_type}) has none")
 
@@ -98,14 +98,13 @@ def time_generation(models: list, input_ids: torch.Tensor, new_tokens: int, *, d
         peaks.append(torch.cuda.max_memory_allocated() if device == "cuda" else rss["peak"])
     prefill: list[list[float]] = [[] for _ in models]
     decode: list[list[float]] = [[] for _ in models]
-    spent = [0.0 for _ in models]
-    while min(len(p) for p in prefill) < min_runs or min(spent) < min_run_time:
+    while (min(len(p) for p in prefill) < min_runs
+           or min(sum(p) + sum(d) for p, d in zip(prefill, decode)) < min_run_time):
         for i, model in enumerate(models):
             clock: list[float] = []
             greedy_generate(model, input_ids, new_tokens, sync, clock)
             prefill[i].append(clock[0])
             decode[i].append(clock[1])
-            spent[i] += clock[0] + clock[1]
 
     def stats(values):
         t = torch.tensor(values, dtype=torch.float64) * 1e3
