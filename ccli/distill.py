@@ -433,7 +433,7 @@ def _chunks(items: list, size: int) -> list[list]:
 def _probe_error(student: nn.Module, teacher: nn.Module, probe: list[tuple[torch.Tensor, torch.Tensor]], target: str) -> float:
     """The end-to-end loss of the student (inference path) on the probe batches, pooled over them.
     Next-token KL is a mean over tokens, so it is summed batch by batch: the probe's logits all at
-    once would be 64 x 128 x vocabulary floats per model (1.6 GB for SmolLM2)."""
+    once would be up to 64 x 128 x vocabulary floats per model (1.6 GB for SmolLM2)."""
     preds, targets, kl_sum, tokens = [], [], 0.0, 0
     with torch.no_grad():
         for ids, mask in probe:
