@@ -214,7 +214,10 @@ def _plan(model, to, params, recipe, data, distill_options) -> dict:
     unknown = set(distill_options) - known
     if unknown:
         raise CcliError(f"unknown distillation option '{sorted(unknown)[0]}'")
-    merged = {**base["distill"], **{k: v for k, v in distill_options.items() if v is not None}}
+    # a one-family conversion starts from that family's own defaults (int8: no training), beneath the
+    # recipe's settings and the explicit ones; a combination's recipe says what its steps need
+    defaults = FAMILIES[convert_steps[0]["to"]].distill_defaults if len(convert_steps) == 1 else {}
+    merged = {**defaults, **base["distill"], **{k: v for k, v in distill_options.items() if v is not None}}
     cfg = DistillConfig(**merged)
     cfg.validate()
     return {"model": model if model is not None else base["model"], "data": data or base["data"], "convert": convert_steps, "distill": cfg}

@@ -51,8 +51,9 @@ from kernel_cases import (
     ternary_int8_kernel,
 )
 
-from ccli.kernels import activations, fff_triton, moe_triton, native, registry, ternary_triton
+from ccli.kernels import activations, fff_triton, int8_triton, moe_triton, native, registry, ternary_triton
 from ccli.kernels import fff as F
+from ccli.kernels import int8 as I
 from ccli.kernels import moe as M
 from ccli.kernels import ternary as T
 from ccli.kernels.native import REQUIRE_ENV, NativeUnavailable
@@ -408,7 +409,73 @@ MOE_SPEC = OpSpec(
     empty=_moe_empty,
 )
 
-SPECS = [FFF_SPEC, TERNARY_SPEC, MOE_SPEC]
+
+# --- int8 (W8A8) ----------------------------------------------------------------------------------------
+
+
+def int8_case(n_tokens, in_features, out_features, seed=0, with_bias=True, spread=1.0) -> Case:
+    """Random activations (one token 100x larger when n_tokens > 2, as in MiniLM and SmolLM2), int8
+    weights over the whole range, positive per-row scales and a bias."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n_tokens, in_features, generator=g) * spread
+    if n_tokens > 2:
+        x[1] *= 100
+    weight = torch.randint(-127, 128, (out_features, in_features), generator=g, dtype=torch.int8)
+    scale = torch.rand(out_features, generator=g) * 0.01 + 1e-4
+    bias = torch.randn(out_features, generator=g) if with_bias else None
+    return x, (weight, scale, bias)
+
+
+INT8_SHAPES = {"n_tokens": st.integers(1, 40), "in_features": st.integers(1, 300), "out_features": st.integers(1, 70),
+               "seed": st.integers(0, 2**16), "with_bias": st.booleans(), "spread": st.sampled_from([1e-3, 1.0, 50.0])}
+
+
+def _int8_noncontiguous():
+    x, (weight, scale, bias) = int8_case(5, 37, 11, seed=3)
+    x_nc = torch.stack([x, x], -1)[..., 0]
+    weight_nc = weight.t().contiguous().t()
+    return x, (weight, scale, bias), x_nc, (weight_nc, scale, bias), (x_nc, weight_nc)
+
+
+def _int8_bad_calls():
+    x, (weight, scale, bias) = int8_case(3, 20, 6, seed=0)
+    return [
+        ("weight", x, (weight[:, :-1], scale, bias)),
+        ("weight", x, (weight.float(), scale, bias)),
+        ("scale", x, (weight, scale[:-1], bias)),
+        ("bias", x, (weight, scale, bias[:-1])),
+        ("x must be", x[:, :0], (weight[:, :0], scale, bias)),
+    ]
+
+
+INT8_SPEC = OpSpec(
+    name="int8_linear",
+    module=I,
+    function=I.int8_linear,
+    native_direct=I.int8_linear_native,
+    triton_direct=int8_triton.int8_linear_triton,
+    tol=TERNARY_TOL,
+    native_variants=("default",),
+    native_examples=40,
+    native_shapes=INT8_SHAPES,
+    triton_examples=12,
+    triton_shapes={**INT8_SHAPES, "n_tokens": st.integers(1, 20), "in_features": st.integers(1, 150)},
+    make=lambda **drawn: int8_case(**drawn),
+    realistic=[(f"int8-{n}-{i}-{o}", lambda n=n, i=i, o=o: int8_case(n, i, o, seed=n))
+               for n, i, o in [(1, 384, 1536), (16, 1536, 384), (128, 576, 192), (3, 3072, 768), (70, 1, 9)]],
+    thread_cases=lambda: [int8_case(n, i, o, seed=n) for n, i, o in [(1, 512, 300), (7, 256, 130), (100, 129, 70)]],
+    small=lambda: int8_case(4, 33, 7, seed=2),
+    failing=lambda: int8_case(4, 21, 5, seed=4),
+    native_entry_points=lambda x, args: [lambda: I.int8_linear_native(x, *args)],
+    noncontiguous=_int8_noncontiguous,
+    to_double=lambda x, args: (x.double(), args),
+    empty_shape=lambda args: (0, args[0].shape[0]),
+    bad_calls=_int8_bad_calls,
+    leading=lambda: int8_case(12, 40, 9, seed=5),
+    fake_error=("scale", lambda x, args: (x, (args[0], args[1][:0], args[2]))),
+)
+
+SPECS = [FFF_SPEC, TERNARY_SPEC, MOE_SPEC, INT8_SPEC]
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 
@@ -719,6 +786,9 @@ FAKE_CASES = [
     pytest.param("moe", lambda: (lambda x, args: (x, *args))(*moe_case(6, 10, 4, 3, 2, seed=6, gated=True,
                                                                          with_gates=True, with_bias=False)),
                  id="moe-gated"),
+    pytest.param("int8_linear", lambda: (lambda x, args: (x, *args))(*int8_case(5, 30, 7, seed=6)), id="int8_linear"),
+    pytest.param("int8_linear", lambda: (lambda x, args: (x, *args))(*int8_case(5, 30, 7, seed=6, with_bias=False)),
+                 id="int8_linear-no-bias"),
 ]
 
 
@@ -823,6 +893,21 @@ def _moe_flops(experts, width, top_k, shape, gated):
             2 * M.moe_macs(n_tokens * top_k, hidden, width, gated))
 
 
+class _TinyInt8(torch.nn.Module):
+    def __init__(self, in_features, out_features):
+        super().__init__()
+        _, (self.weight, self.scale, self.bias) = int8_case(1, in_features, out_features, seed=7)
+
+    def forward(self, x):
+        return I.int8_linear(x, self.weight, self.scale, self.bias)
+
+
+def _int8_flops(in_features, out_features, shape):
+    return (lambda: (_TinyInt8(in_features, out_features), {"x": torch.randn(*shape, in_features)}),
+            2 * math.prod(shape) * in_features * out_features,  # by hand: every weight, every token
+            2 * I._macs((math.prod(shape), in_features), (out_features, in_features), (out_features,)))
+
+
 FLOP_CASES = [
     *(pytest.param("fff", *_fff_flops(*case), id=f"fff-{i}")
       for i, case in enumerate([(1, 11, 1, (5, 16)), (3, 2, 4, (2, 3, 16)), (2, 0, 3, (4, 16))])),
@@ -832,6 +917,8 @@ FLOP_CASES = [
     pytest.param("ternary_outliers_", *_outlier_flops(), id="ternary_outliers_"),
     *(pytest.param("moe", *_moe_flops(*case), id=f"moe-{i}")
       for i, case in enumerate([(8, 4, 3, (5, 16), False), (6, 5, 2, (2, 3, 16), True), (4, 3, 4, (1, 16), False)])),
+    *(pytest.param("int8_linear", *_int8_flops(*case), id=f"int8_linear-{i}")
+      for i, case in enumerate([(16, 8, (5,)), (50, 6, (2, 3)), (7, 1, (1,))])),
 ]
 
 

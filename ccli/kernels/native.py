@@ -11,12 +11,13 @@ one a binary built for another's instruction set.
   (`load`, `failure_reason`, `set_dispatch`, `reset`, `fff_native`, ...) are its API.
 - `TERNARY` (ternary_cpu.cpp): the `ccli::ternary_linear` op (ccli.kernels.ternary).
 - `MOE` (moe_cpu.cpp): the `ccli::moe` op (ccli.kernels.moe).
+- `INT8` (int8_cpu.cpp): the `ccli::int8_linear` op (ccli.kernels.int8).
 
-Every C++ source includes ccli_op.h, the dispatcher glue they share (the switch between the C++
+Every C++ source includes ccli_op.h, the dispatcher glue they share (SHARED_HEADERS lists it with the other shared headers) (the switch between the C++
 kernel and the Python fallback below, `configure`, releasing the GIL).
 
 If a build fails (no compiler, no OpenMP, ...), or the extension's environment variable
-(CCLI_FFF_NATIVE / CCLI_TERNARY_NATIVE / CCLI_MOE_NATIVE) or CCLI_NATIVE is set to 0, `load()` returns None and callers
+(CCLI_FFF_NATIVE / CCLI_TERNARY_NATIVE / CCLI_MOE_NATIVE / CCLI_INT8_NATIVE) or CCLI_NATIVE is set to 0, `load()` returns None and callers
 use the PyTorch reference. A failed build warns once and is not retried in the same process.
 
 With CCLI_REQUIRE_NATIVE=1 (CI sets it) there is no fallback: `load()` raises `NativeUnavailable`
@@ -150,6 +151,10 @@ def _cflags() -> list[str]:
     return flags
 
 
+# Headers next to the sources that every extension may include (hashed into its name, see extension_name).
+SHARED_HEADERS = ("ccli_op.h", "ccli_cpu.h", "ccli_quant.h")
+
+
 class NativeExtension:
     """One C++ extension (a source file next to this module) that registers the CPU kernel of a
     `ccli::` op: built or loaded from torch's cache on first `load()`, or None if that fails.
@@ -177,9 +182,18 @@ class NativeExtension:
         state = "loaded" if self.ext is not None else f"failed ({self.failure})" if self.failure else "not loaded"
         return f"NativeExtension({self.stem!r}, {state})"
 
+    def headers(self) -> list[Path]:
+        """The shared headers every source includes (SHARED_HEADERS, next to it)."""
+        return [self.source.with_name(name) for name in SHARED_HEADERS]
+
     def extension_name(self) -> str:
-        """ccli_<stem>_<hash of machine type and CPU flags> (see module doc)."""
-        return f"ccli_{self.stem}_" + hashlib.sha1(_cpu_ident().encode()).hexdigest()[:10]
+        """ccli_<stem>_<hash of machine type, CPU flags and the shared headers> (see module doc).
+        torch rebuilds an extension when its source changes but not when a header it includes does:
+        the headers' text in the name makes a changed header a new extension, built afresh."""
+        ident = _cpu_ident().encode()
+        for header in self.headers():
+            ident += header.read_bytes() if header.is_file() else b""
+        return f"ccli_{self.stem}_" + hashlib.sha1(ident).hexdigest()[:10]
 
     def dispatch_fallback(self, *args):
         """Called by the extension's dispatcher kernel for CPU calls it does not handle itself."""
@@ -198,7 +212,7 @@ class NativeExtension:
         """Compile (or load from torch's extension cache) and return the extension module."""
         from torch.utils.cpp_extension import load as load_extension
 
-        for path in (self.source, self.source.with_name("ccli_op.h"), self.source.with_name("ccli_cpu.h")):
+        for path in (self.source, *self.headers()):
             if not path.is_file():
                 raise FileNotFoundError(f"{path} is missing (is the package data installed?)")
         name = self.extension_name()
@@ -286,9 +300,10 @@ class NativeExtension:
 FFF = NativeExtension("fff_cpu", "FFF", "CCLI_FFF_NATIVE")
 TERNARY = NativeExtension("ternary_cpu", "ternary", "CCLI_TERNARY_NATIVE")
 MOE = NativeExtension("moe_cpu", "MoE", "CCLI_MOE_NATIVE")
+INT8 = NativeExtension("int8_cpu", "int8", "CCLI_INT8_NATIVE")
 SOURCE = FFF.source
 
-EXTENSIONS = {"fff": FFF, "ternary": TERNARY, "moe": MOE}
+EXTENSIONS = {"fff": FFF, "ternary": TERNARY, "moe": MOE, "int8": INT8}
 
 # Module attributes that mirror the FFF extension's state (read through __getattr__).
 _FFF_STATE = {"_ext": "ext", "_loaded": "loaded", "_failure": "failure", "build_seconds": "build_seconds"}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from .base import BlockVariant, ConvertedModule, FFNVariant, LinearVariant, Variant, VariantConfig
 from .fff import FFFVariant
+from .int8 import Int8Variant
 from .mod import MoDVariant
 from .moe import MoEVariant
 from .ternary import TernaryVariant
@@ -27,6 +28,7 @@ register(FFFVariant)
 register(TernaryVariant)
 register(MoDVariant)
 register(MoEVariant)
+register(Int8Variant)
 
 __all__ = ["FAMILIES", "BlockVariant", "ConvertedModule", "FFNVariant", "LinearVariant", "Variant", "VariantConfig",
            "register"]

@@ -124,6 +124,9 @@ class Variant(ABC):
     name: ClassVar[str] = ""
     config: ClassVar[type[VariantConfig]] = VariantConfig
     unit_kind: ClassVar[str] = ""
+    # distillation settings (ccli.distill.DistillConfig fields) a conversion to this family alone starts
+    # from, beneath a recipe's and the command line's
+    distill_defaults: ClassVar[dict] = {}
 
     def __init__(self, **params):
         self.cfg = self.config.from_params(params)
