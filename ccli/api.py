@@ -230,6 +230,16 @@ def _fff_layer_case(source, hidden, width, trees, depth, leaf_width):
     return name, hidden, layer, dense, kernels, _ffn_work(layer.neurons_per_token, macs, hidden, width, layer.gated)
 
 
+def _largest_converted_linear(source, cls, family: str):
+    """The largest `cls` linear of converted model `source`: (name, layer, the base model's linear there)."""
+    loaded = _as_loaded(source, False)
+    found = [(n, m) for n, m in loaded.model.named_modules() if isinstance(m, cls)]
+    if not found:
+        raise CcliError(f"'{loaded.name}' has no {family} linear to time; give a directory written by ccli convert --to {family}")
+    path, layer = max(found, key=lambda item: item[1].in_features * item[1].out_features)
+    return f"{loaded.name} {path}", layer, load(loaded.manifest["base_source"]).model.get_submodule(path)
+
+
 def _ternary_layer_case(source, hidden, width, act_bits):
     """As _fff_layer_case, for one ternary linear (in = hidden, out = width) against nn.Linear."""
     from torch import nn
@@ -238,13 +248,7 @@ def _ternary_layer_case(source, hidden, width, act_bits):
     from .variants.ternary import TernaryLinear, ternary_modules
 
     if source is not None:
-        loaded = _as_loaded(source, False)
-        found = [(n, m) for n, m in loaded.model.named_modules() if isinstance(m, TernaryLinear)]
-        if not found:
-            raise CcliError(f"'{loaded.name}' has no ternary linear to time; give a directory written by ccli convert --to ternary")
-        path, layer = max(found, key=lambda item: item[1].in_features * item[1].out_features)  # the largest
-        dense = load(loaded.manifest["base_source"]).model.get_submodule(path)
-        name = f"{loaded.name} {path}"
+        name, layer, dense = _largest_converted_linear(source, TernaryLinear, "ternary")
     else:
         if min(hidden, width) < 1:
             raise CcliError("--hidden and --width must be >= 1")
@@ -262,6 +266,37 @@ def _ternary_layer_case(source, hidden, width, act_bits):
             "dense": {"macs_per_token": layer.in_features * layer.out_features, "adds_per_token": 0,
                       "weight_bytes": layer.in_features * layer.out_features * 4}}
     return name, hidden, layer, dense, kernels, work
+
+
+def _int8_layer_case(source, hidden, width):
+    """As _ternary_layer_case, for one int8 (W8A8) linear against nn.Linear; the case's reference rows
+    add torch's dynamic int8 quantisation of the same nn.Linear, what a user would pick instead."""
+    from torch import nn
+
+    from .baselines import int8_dynamic
+    from .kernels import int8 as kernels
+    from .measure.components import weight_bytes
+    from .variants.int8 import Int8Linear
+
+    if source is not None:
+        name, layer, dense = _largest_converted_linear(source, Int8Linear, "int8")
+    else:
+        if min(hidden, width) < 1:
+            raise CcliError("--hidden and --width must be >= 1")
+        torch.manual_seed(0)
+        dense = nn.Linear(hidden, width)
+        layer = Int8Linear.from_dense(dense.weight, dense.bias)
+        layer.finalize()
+        name = f"random int8 linear {hidden}->{width}"
+    torch_int8 = int8_dynamic(nn.Sequential(dense)) if isinstance(dense, nn.Linear) else None
+    macs = layer.in_features * layer.out_features
+    work = {"kernel": {"macs_per_token": macs, "adds_per_token": 0, "weight_bytes": layer.weight_bytes},
+            "dense": {"macs_per_token": macs, "adds_per_token": 0, "weight_bytes": macs * 4}}
+    references = []
+    if torch_int8 is not None:  # GPT-2's Conv1D is not an nn.Linear: torch's int8 leaves it alone
+        references.append(("int8-dynamic", torch_int8, {"macs_per_token": macs, "adds_per_token": 0,
+                                                         "weight_bytes": weight_bytes(torch_int8) - 4 * layer.out_features}))
+    return name, layer.in_features, layer, dense, kernels, work, references
 
 
 class _DenseFFNModule(torch.nn.Module):
@@ -348,7 +383,8 @@ def bench_layer(
 
     `to="fff"`: an FFF layer against the dense FFN of the same shape (by default UltraFastBERT's 1x11
     tree at BERT-base's hidden 768 / width 3072). `to="ternary"`: a ternary linear (in = hidden,
-    out = width) against the fp32 nn.Linear. `to="moe"`: a layer of `experts` experts (the dense
+    out = width) against the fp32 nn.Linear; `to="int8"` an int8 (W8A8) linear, against it and torch's
+    dynamic int8 quantisation of it. `to="moe"`: a layer of `experts` experts (the dense
     width split evenly), `top_k` per token by its router, against the dense FFN of the same shape.
     With `source` (a converted model directory) its first FFF or MoE layer, or its largest ternary
     linear, is timed against the same part of its base model.
@@ -362,8 +398,12 @@ def bench_layer(
         name, hidden, layer, dense, kernels, work = _ternary_layer_case(source, hidden, width, act_bits)
     elif to == "moe":
         name, hidden, layer, dense, kernels, work = _moe_layer_case(source, hidden, width, experts, top_k)
+    elif to == "int8":
+        name, hidden, layer, dense, kernels, work, references = _int8_layer_case(source, hidden, width)
     else:
-        raise CcliError(f"--to {to}: bench --layer times fff, ternary or moe layers")
+        raise CcliError(f"--to {to}: bench --layer times fff, ternary, moe or int8 layers")
+    if to != "int8":
+        references = []  # (kernel name, module, work per token): reference rows timed after dense
     layer, dense = layer.eval().to(device), dense.eval().to(device)
     token_counts = list(tokens)
     if not token_counts or min(token_counts) < 1:
@@ -371,9 +411,12 @@ def bench_layer(
     rows = []
     for n in token_counts:
         x = torch.randn(n, hidden, device=device)
-        timings = [("dense", None, dense)] + [(f"{to}-{b}", b, layer) for b in kernels.available_backends(device)]
+        timings = ([("dense", None, dense, work["dense"])]
+                   + [(kernel, None, module, reference_work) for kernel, module, reference_work in references
+                      if device == "cpu"]  # torch's int8 is CPU only
+                   + [(f"{to}-{b}", b, layer, work["kernel"]) for b in kernels.available_backends(device)])
         dense_ms = None
-        for kernel, backend, module in timings:
+        for kernel, backend, module, row_work in timings:
             def forward(module=module):
                 with torch.inference_mode():
                     module(x)
@@ -386,7 +429,7 @@ def bench_layer(
             dense_ms = dense_ms or timing.median_ms
             rows.append({
                 "layer": name, "kernel": kernel, "device": device, "tokens": n, "threads": threads, "hidden": hidden,
-                **work["dense" if backend is None else "kernel"],
+                **row_work,
                 "median_ms": round(timing.median_ms, 4), "iqr_ms": round(timing.iqr_ms, 4),
                 "p90_ms": round(timing.p90_ms, 4), "speedup": round(dense_ms / timing.median_ms, 2),
             })

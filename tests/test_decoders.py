@@ -97,8 +97,8 @@ def test_cached_generation_equals_stepwise_full_forwards_on_a_dense_model(family
     ("gpt2", "fff", {"depth": 1, "leaf_width": 8}),
     ("llama", "ternary", {"targets": "all"}),  # gated FFN
     ("llama", "fff", {"depth": 1, "leaf_width": 8}),  # gated trees
-    ("gpt2", "int8", {}),  # per-token activation scales: a token's output does not depend on the others
-    ("llama", "int8", {}),
+    ("gpt2", "int8", {"head": True}),  # per-token activation scales; the tied head int8 too
+    ("llama", "int8", {"head": True}),
     ("gpt2", "mod", {"capacity": 0.5}),  # per-token decisions, every token's K/V cached
     ("llama", "mod", {"capacity": 0.5}),
 ])

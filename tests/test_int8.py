@@ -21,6 +21,7 @@ from ccli.cli import app
 from ccli.conversion import convert
 from ccli.kernels import int8 as I
 from ccli.variants.int8 import Int8Linear
+from tiny_dirs import one_line_error
 
 BUDGET = dict(tokens=512, batch_tokens=128, e2e_batch=4, heldout_paragraphs=16, show_progress=False)
 
@@ -120,6 +121,18 @@ def test_a_gpt2_and_a_llama_convert_with_every_linear_int8(tiny_gpt2_dir, tiny_l
         assert record["fidelity"]["top1_agreement"] > 0.9 and record["fidelity"]["kl"] < 0.01, name
         model, _ = ccli.load(str(out))
         assert sum(isinstance(m, Int8Linear) for m in model.modules()) == 2 * linears
+        assert not isinstance(model.get_output_embeddings(), Int8Linear)  # the head only with --head
+    out = tmp_path / "int8-llama-head"
+    record = convert(tiny_llama, to="int8", params={"head": True}, out=str(out), **BUDGET)
+    assert record["layers"][-1]["target"] == "lm_head" and len(record["layers"]) == 2 * 7 + 1
+    model, tokenizer = ccli.load(str(out))
+    head = model.get_output_embeddings()
+    assert isinstance(head, Int8Linear) and head.weight is None  # no float copy of the head came back
+    assert model.get_input_embeddings().weight.dtype is torch.float32
+    again, _ = ccli.load(str(out))
+    enc = tokenizer(["The head reloads to the same bits."], return_tensors="pt")
+    with torch.inference_mode():
+        assert torch.equal(model(**enc).logits, again(**enc).logits)
 
 
 def test_int8_options_are_checked():
@@ -128,3 +141,22 @@ def test_int8_options_are_checked():
     assert result.exit_code == 2 and "--depth does not apply to int8" in result.stderr
     result = runner.invoke(app, ["convert", "--to", "int8", "--targets", "heads"])
     assert result.exit_code == 2 and "int8: --targets must be one of ffn, attention, all (got 'heads')" in result.stderr
+
+
+def test_the_head_is_refused_on_a_model_without_one(tiny_bert, no_training):
+    result = CliRunner().invoke(app, ["convert", tiny_bert, "--to", "int8", "--head"])
+    one_line_error(result, "int8: --head needs a model with a language-model head (this one has none)", alone=False)
+
+
+def test_layer_bench_times_the_int8_linear_beside_torchs_int8_of_it():
+    from ccli.api import bench_layer
+
+    rows = bench_layer(to="int8", hidden=64, width=48, tokens=[1, 4], min_run_time=0.02)
+    for n in (1, 4):
+        kernels = {r["kernel"]: r for r in rows if r["tokens"] == n}
+        assert list(kernels)[:3] == ["dense", "int8-dynamic", "int8-reference"] and "int8-native" in kernels
+        assert {r["macs_per_token"] for r in kernels.values()} == {64 * 48}
+        assert kernels["dense"]["weight_bytes"] == 64 * 48 * 4
+        assert kernels["int8-native"]["weight_bytes"] == 64 * 48 + 48 * 4  # int8 weights and a scale per row
+        assert 64 * 48 <= kernels["int8-dynamic"]["weight_bytes"] < 64 * 48 * 2
+        assert all(r["median_ms"] > 0 for r in kernels.values())

@@ -262,21 +262,25 @@ class LinearVariant(Variant):
         """An uninitialised module of the shape `spec` describes."""
 
     def units(self, arch, block: int) -> list[Unit]:
-        from ..arch import linear_weight
-
         units = []
         for path, linear in arch.blocks[block].linears(self.params.get("targets", "all")).items():
-            weight, bias = linear_weight(linear)
-            weight = weight.detach().clone().float()
-            bias = None if bias is None else bias.detach().clone().float()
-            units.append(Unit(
-                path, block, "linear", path,
-                lambda x, w=weight, b=bias: nn.functional.linear(x, w, b),
-                lambda x, seed, linear=linear: self.init_from_dense(linear, x, seed),
-                lambda module, path=path: arch.model.set_submodule(path, module),
-                {**self.spec(), "in_features": weight.shape[1], "out_features": weight.shape[0], "bias": bias is not None},
-            ))
+            units.append(self.linear_unit(arch, block, path, linear))
         return units
+
+    def linear_unit(self, arch, block: int, path: str, linear: nn.Module) -> Unit:
+        """The unit that replaces `linear` at model path `path` (counted with block `block`)."""
+        from ..arch import linear_weight
+
+        weight, bias = linear_weight(linear)
+        weight = weight.detach().clone().float()
+        bias = None if bias is None else bias.detach().clone().float()
+        return Unit(
+            path, block, "linear", path,
+            lambda x, w=weight, b=bias: nn.functional.linear(x, w, b),
+            lambda x, seed, linear=linear: self.init_from_dense(linear, x, seed),
+            lambda module, path=path: arch.model.set_submodule(path, module),
+            {**self.spec(), "in_features": weight.shape[1], "out_features": weight.shape[0], "bias": bias is not None},
+        )
 
     @classmethod
     def restore(cls, arch, key: str, spec: dict) -> nn.Module:

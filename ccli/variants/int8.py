@@ -25,7 +25,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .base import ConvertedModule, LinearVariant, VariantConfig, option
+from ..errors import CcliError
+from .base import LinearVariant, VariantConfig, option
+from .module import LatentWeightLinear
 
 TARGETS = ("ffn", "attention", "all")
 
@@ -36,19 +38,15 @@ def _kernels():
     return int8
 
 
-class Int8Linear(ConvertedModule):
+class Int8Linear(LatentWeightLinear):
     """y = x W^T + b with W int8 times per-channel scales and x int8 per token; see the module doc."""
-
-    unit_kind = "linear"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True):
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+        self._init_latent(in_features, out_features)
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scale", torch.ones(out_features))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        self.register_parameter("weight", None)  # the latent float weight, during conversion only
-        self._quantized_version: tuple | None = None
 
     @classmethod
     def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> "Int8Linear":
@@ -65,31 +63,10 @@ class Int8Linear(ConvertedModule):
         return (f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"
                 f"{', latent weight' if self.weight is not None else ''}")
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # a progress checkpoint taken mid-conversion also holds the latent weight
-        if prefix + "weight" in state_dict and self.weight is None:
-            self.weight = nn.Parameter(torch.empty(self.out_features, self.in_features))
-            self._quantized_version = None
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-    def _sync(self) -> None:
-        """Re-quantise the latent weight into the buffers if it changed since the last time."""
-        if self.weight is None:
-            return
-        key = (self.weight.data_ptr(), self.weight._version)
-        if key == self._quantized_version:
-            return
-        with torch.no_grad():
-            q, scale = _kernels().quantize_weights(self.weight)
-            self.qweight.copy_(q)
-            self.scale.copy_(scale)
-        self._quantized_version = key
-
-    def finalize(self) -> None:
-        """Drop the latent weight: from now on the layer is its int8 weights, scales and bias."""
-        self._sync()
-        self.weight = None
-        self._quantized_version = None
+    def _quantize_latent(self) -> None:
+        q, scale = _kernels().quantize_weights(self.weight)
+        self.qweight.copy_(q)
+        self.scale.copy_(scale)
 
     def dense_weight(self) -> torch.Tensor:
         """The effective float weight (out, in): int8 values times their row's scale."""
@@ -116,6 +93,18 @@ class Int8Linear(ConvertedModule):
 class Int8Config(VariantConfig):
     family = "int8"
     targets: str = option("all", "which linears: ffn, attention or all", choices=TARGETS)
+    head: bool = option(False, "also the language-model head (converted with the last block)")
+
+
+def _head(arch) -> tuple[str, nn.Module] | None:
+    """The model's language-model head as (path, module), if it has a dense one."""
+    from ..arch import has_lm_head, is_linear
+
+    if not has_lm_head(arch.model):
+        return None
+    head = arch.model.get_output_embeddings()
+    path = next(name for name, module in arch.model.named_modules() if module is head)
+    return (path, head) if is_linear(head) else None
 
 
 class Int8Variant(LinearVariant):
@@ -124,11 +113,28 @@ class Int8Variant(LinearVariant):
     # Post-training quantisation leaves each linear within ~0.1% of the dense one (all-MiniLM-L6-v2);
     # the engine's default 300 steps at lr 1e-3 move latent weights by more than an int8 step and
     # made the error grow tenfold on a tiny LLaMA. `--steps N --lr 1e-5` still trains, if asked.
-    distill_defaults = {"steps": 0}
+    # Untrained, the calibration tokens only measure each linear's error, and capturing them is the
+    # whole conversion's time (a forward pass per linear: SmolLM2's 210 took 12 minutes at 4096
+    # tokens on 2 cores); 1024 tokens measure it well enough.
+    distill_defaults = {"steps": 0, "tokens": 1024}
 
     @classmethod
     def skeleton(cls, hidden_size: int, spec: dict) -> Int8Linear:
         return Int8Linear(spec["in_features"], spec["out_features"], spec["bias"])
+
+    def check_model(self, arch, blocks: list[int]) -> None:
+        from ..arch import has_lm_head
+
+        if self.params["head"] and not has_lm_head(arch.model):
+            raise CcliError("int8: --head needs a model with a language-model head (this one has none)")
+
+    def units(self, arch, block: int) -> list:
+        units = super().units(arch, block)
+        head = _head(arch) if self.params["head"] and block == len(arch.blocks) - 1 else None
+        if head is not None:
+            # a tied head (SmolLM2, GPT-2) stops sharing its weight: the embedding stays float
+            units.append(self.linear_unit(arch, block, *head))
+        return units
 
     def init_from_dense(self, linear: nn.Module, x: torch.Tensor, seed: int) -> Int8Linear:
         from ..arch import linear_weight

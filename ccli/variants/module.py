@@ -57,6 +57,50 @@ class ConvertedModule(nn.Module):
         return 0
 
 
+class LatentWeightLinear(ConvertedModule):
+    """A linear unit kept as quantised buffers, with a float *latent* weight during conversion.
+
+    While `weight` (the latent, an (out, in) Parameter) exists, `_sync()` re-quantises it into the
+    buffers whenever it changed (keyed on its storage and version counter), so the eval-mode forward
+    runs the kernel on exactly what training left; `finalize()` drops it, and what remains is what is
+    saved. A progress checkpoint taken mid-conversion holds the latent too, and loading one brings it
+    back. Subclasses call `_init_latent(in, out)` in `__init__` and implement `_quantize_latent()`
+    (write the buffers from `self.weight`, under no_grad)."""
+
+    unit_kind = "linear"
+
+    def _init_latent(self, in_features: int, out_features: int) -> None:
+        self.in_features, self.out_features = in_features, out_features
+        self.register_parameter("weight", None)
+        self._quantized_version: tuple | None = None
+
+    def _quantize_latent(self) -> None:
+        raise NotImplementedError
+
+    def _sync(self) -> None:
+        """Re-quantise the latent weight into the buffers if it changed since the last time."""
+        if self.weight is None:
+            return
+        key = (self.weight.data_ptr(), self.weight._version)
+        if key == self._quantized_version:
+            return
+        with torch.no_grad():
+            self._quantize_latent()
+        self._quantized_version = key
+
+    def finalize(self) -> None:
+        """Drop the latent weight: from now on the layer is its quantised buffers and bias."""
+        self._sync()
+        self.weight = None
+        self._quantized_version = None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "weight" in state_dict and self.weight is None:  # a mid-conversion checkpoint
+            self.weight = nn.Parameter(torch.empty(self.out_features, self.in_features))
+            self._quantized_version = None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
 def is_converted(module: nn.Module, kind: str | None = None) -> bool:
     return isinstance(module, ConvertedModule) and (kind is None or module.unit_kind == kind)
 

@@ -36,7 +36,8 @@ import torch
 from torch import nn
 
 from ..errors import CcliError
-from .base import ConvertedModule, LinearVariant, VariantConfig, option
+from .base import LinearVariant, VariantConfig, option
+from .module import LatentWeightLinear
 
 GRANULARITIES = ("tensor", "channel", "group")
 TARGETS = ("ffn", "attention", "all")
@@ -48,19 +49,17 @@ def _kernels():
     return ternary
 
 
-class TernaryLinear(ConvertedModule):
+class TernaryLinear(LatentWeightLinear):
     """y = x W^T + b with W ternary times scales; see the module doc."""
-
-    unit_kind = "linear"
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, granularity: str = "tensor",
                  group_size: int = 128, act_bits: int = 8, outliers: int = 0):
         super().__init__()
+        self._init_latent(in_features, out_features)
         if granularity not in GRANULARITIES:
             raise CcliError(f"ternary: scale granularity must be one of {', '.join(GRANULARITIES)} (got {granularity!r})")
         if act_bits not in (8, 16):
             raise CcliError(f"ternary: act-bits must be 8 or 16 (got {act_bits!r})")
-        self.in_features, self.out_features = in_features, out_features
         self.granularity, self.act_bits = granularity, act_bits
         # The kernel sees groups of input columns; tensor and channel scales are one group per row.
         self.group_size = group_size if granularity == "group" else in_features
@@ -68,8 +67,6 @@ class TernaryLinear(ConvertedModule):
         self.register_buffer("packed", torch.zeros(out_features, math.ceil(in_features / 4), dtype=torch.uint8))
         self.register_buffer("scale", torch.ones(out_features, groups))
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
-        self.register_parameter("weight", None)  # the latent float weight, during conversion only
-        self._packed_version: tuple | None = None
         if not isinstance(outliers, int) or not 0 <= outliers <= in_features * out_features:
             raise CcliError(f"ternary: outliers must be an integer from 0 to in x out = {in_features * out_features} "
                             f"(got {outliers!r})")
@@ -121,10 +118,6 @@ class TernaryLinear(ConvertedModule):
         # `outliers` in a layer's spec is a most; the saved tensors say how many it kept
         saved = state_dict.get(prefix + "outlier_rows")
         self._set_outlier_count(0 if saved is None else saved.numel())
-        # a progress checkpoint taken mid-conversion also holds the latent weight
-        if prefix + "weight" in state_dict and self.weight is None:
-            self.weight = nn.Parameter(torch.empty(self.out_features, self.in_features))
-            self._packed_version = None
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _ternary_latent(self) -> torch.Tensor:
@@ -134,19 +127,11 @@ class TernaryLinear(ConvertedModule):
             return self.weight
         return self.weight.index_put((self.outlier_rows, self.outlier_cols), self.weight.new_zeros(()))
 
-    def _sync(self) -> None:
-        """Re-pack the latent weight into the buffers if it changed since the last packing."""
-        if self.weight is None:
-            return
-        key = (self.weight.data_ptr(), self.weight._version)
-        if key == self._packed_version:
-            return
+    def _quantize_latent(self) -> None:
         k = _kernels()
-        with torch.no_grad():
-            t, scale, _ = k.quantize_weights(self._ternary_latent(), self.granularity, self.group_size)
-            self.packed.copy_(k.pack_ternary(t))
-            self.scale.copy_(scale)
-        self._packed_version = key
+        t, scale, _ = k.quantize_weights(self._ternary_latent(), self.granularity, self.group_size)
+        self.packed.copy_(k.pack_ternary(t))
+        self.scale.copy_(scale)
 
     def recentre_latent(self) -> None:
         """Move every latent weight to the middle of its quantisation bin, keeping the quantised layer
@@ -173,12 +158,6 @@ class TernaryLinear(ConvertedModule):
             self.weight.copy_(t * ratio)
 
     prepare_for_end_to_end = recentre_latent  # the distillation engine's hook (ccli.distill)
-
-    def finalize(self) -> None:
-        """Drop the latent weight: from now on the layer is its packed weights, scales and bias."""
-        self._sync()
-        self.weight = None
-        self._packed_version = None
 
     def ternary_weight(self) -> torch.Tensor:
         """The weights as int8 {-1, 0, +1} (out, in)."""
