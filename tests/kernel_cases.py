@@ -68,6 +68,24 @@ def ternary_int8_kernel(ext, variant):
         ext.use_int8_kernel(default)
 
 
+INT8_NATIVE_VARIANTS = ("default", "int_mm", "small")
+
+
+@contextlib.contextmanager
+def int8_token_kernel(ext, variant):
+    """The int8 extension as it chooses by token count ("default"), with torch._int_mm for every call
+    ("int_mm"), or with its own small-token kernel for every call ("small", AVX-512 VNNI builds only),
+    so that every shape of the tests runs through both products."""
+    default = ext.small_m()
+    if variant == "small" and default == 0:
+        pytest.skip("this build has no small-token int8 kernel (it needs AVX-512 VNNI)")
+    ext.set_small_m({"default": default, "int_mm": 0, "small": 1 << 40}[variant])
+    try:
+        yield ext
+    finally:
+        ext.set_small_m(default)
+
+
 # --- Triton interpreter ---------------------------------------------------------------------------------
 # triton's interpreter must be chosen before triton is first imported, so the test_interp_ tests run in
 # a child pytest with TRITON_INTERPRET=1 (run_interpreter_tests); in a session that already has it set

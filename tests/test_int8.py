@@ -160,3 +160,20 @@ def test_layer_bench_times_the_int8_linear_beside_torchs_int8_of_it():
         assert kernels["int8-native"]["weight_bytes"] == 64 * 48 + 48 * 4  # int8 weights and a scale per row
         assert 64 * 48 <= kernels["int8-dynamic"]["weight_bytes"] < 64 * 48 * 2
         assert all(r["median_ms"] > 0 for r in kernels.values())
+
+
+def test_native_kernel_handles_rows_longer_than_its_small_token_path():
+    """Rows of more than 65,536 inputs could overflow the small-token kernel's int32 sums of q + 128;
+    they go to torch._int_mm, whatever the token count, and agree exactly with the reference."""
+    from ccli.kernels import native
+
+    if native.INT8.load() is None:
+        pytest.skip(f"native int8 kernel unavailable: {native.INT8.failure_reason()}")
+    g = torch.Generator().manual_seed(0)
+    x = torch.full((2, 70_000), 3.0)
+    x[1, ::2] = -3.0
+    weight = torch.full((3, 70_000), 127, dtype=torch.int8)
+    weight[1] = -127
+    weight[2] = torch.randint(-127, 128, (70_000,), generator=g, dtype=torch.int8)
+    scale = torch.full((3,), 1e-3)
+    torch.testing.assert_close(I.int8_linear_native(x, weight, scale), I.int8_linear_reference(x, weight, scale))

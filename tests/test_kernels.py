@@ -31,6 +31,7 @@ from hypothesis import strategies as st
 from kernel_cases import (
     FFF_SHAPES,
     FFF_TOL,
+    INT8_NATIVE_VARIANTS,
     MOE_SHAPES,
     MOE_TOL,
     REPO,
@@ -42,6 +43,7 @@ from kernel_cases import (
     fff_bias,
     fff_case,
     fff_up,
+    int8_token_kernel,
     load_native_or_skip,
     moe_case,
     needs_interpreter,
@@ -108,7 +110,9 @@ class OpSpec:
         return self.empty(x, args) if self.empty is not None else (x[:0], args)
 
     def native_variant(self, ext, variant):
-        return ternary_int8_kernel(ext, variant) if self.name == "ternary_linear" else _nothing(ext)
+        if self.name == "ternary_linear":
+            return ternary_int8_kernel(ext, variant)
+        return int8_token_kernel(ext, variant) if self.name == "int8_linear" else _nothing(ext)
 
 
 class _nothing:
@@ -455,7 +459,7 @@ INT8_SPEC = OpSpec(
     native_direct=I.int8_linear_native,
     triton_direct=int8_triton.int8_linear_triton,
     tol=TERNARY_TOL,
-    native_variants=("default",),
+    native_variants=INT8_NATIVE_VARIANTS,
     native_examples=40,
     native_shapes=INT8_SHAPES,
     triton_examples=12,
