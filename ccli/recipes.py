@@ -86,8 +86,8 @@ def load_recipe(path: str | Path) -> dict:
             if key not in allowed:
                 raise CcliError(f"{where}: unknown key 'convert[{n}].{key}' for {step['to']} (allowed: {', '.join([*allowed, 'layers'])})")
             expected = allowed[key]
-            if not isinstance(value, expected) or isinstance(value, bool):
-                kind = "an integer" if expected is int else "a string" if expected is str else expected.__name__
+            if not isinstance(value, expected) or isinstance(value, bool) != (expected is bool):
+                kind = {int: "an integer", str: "a string", bool: "true or false"}.get(expected, expected.__name__)
                 raise CcliError(f"{where}: 'convert[{n}].{key}' must be {kind} (got {value!r})")
         convert.append(dict(step))
 

@@ -104,6 +104,7 @@ def test_shipped_recipes_are_valid():
     ("convert: [{to: fff\n", "not valid YAML"),
     ("convert: [{to: ternary, act_bits: '8'}]", "'convert\\[0\\].act_bits' must be an integer"),
     ("convert: [{to: ternary, targets: 3}]", "'convert\\[0\\].targets' must be a string"),
+    ("convert: [{to: int8, head: 1}]", "'convert\\[0\\].head' must be true or false"),
     ("convert: [{to: ternary, depth: 3}]", "unknown key 'convert\\[0\\].depth' for ternary"),
     ("convert: [{to: fff, layers: 3}]", "'convert\\[0\\].layers' must be a list of block indices"),
 ])
