@@ -51,13 +51,7 @@ class Int8Linear(LatentWeightLinear):
     @classmethod
     def from_dense(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> "Int8Linear":
         """Post-training quantisation of a dense (out, in) weight; the latent weight stays trainable."""
-        weight = weight.detach().float()
-        layer = cls(weight.shape[1], weight.shape[0], bias is not None)
-        layer.weight = nn.Parameter(weight.clone())
-        if bias is not None:
-            layer.bias.data.copy_(bias.detach().float())
-        layer._sync()
-        return layer
+        return cls(weight.shape[1], weight.shape[0], bias is not None).start_from(weight, bias)
 
     def extra_repr(self) -> str:
         return (f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}"

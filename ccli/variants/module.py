@@ -77,6 +77,15 @@ class LatentWeightLinear(ConvertedModule):
     def _quantize_latent(self) -> None:
         raise NotImplementedError
 
+    def start_from(self, weight: torch.Tensor, bias: torch.Tensor | None) -> "LatentWeightLinear":
+        """Start from a dense (out, in) float weight and bias: the weight becomes the trainable latent,
+        quantised into the buffers at once. Returns self."""
+        self.weight = nn.Parameter(weight.detach().float().clone())
+        if bias is not None:
+            self.bias.data.copy_(bias.detach().float())
+        self._sync()
+        return self
+
     def _sync(self) -> None:
         """Re-quantise the latent weight into the buffers if it changed since the last time."""
         if self.weight is None:

@@ -101,11 +101,7 @@ class TernaryLinear(LatentWeightLinear):
             layer.outlier_rows.copy_(rows)
             layer.outlier_cols.copy_(cols)
             layer.outlier_values.data.copy_(weight[rows, cols])
-        layer.weight = nn.Parameter(weight.clone())
-        if bias is not None:
-            layer.bias.data.copy_(bias.detach().float())
-        layer._sync()
-        return layer
+        return layer.start_from(weight, bias)
 
     def extra_repr(self) -> str:
         scale = f"group {self.group_size}" if self.granularity == "group" else self.granularity
