@@ -86,8 +86,11 @@ def load_recipe(path: str | Path) -> dict:
             if key not in allowed:
                 raise CcliError(f"{where}: unknown key 'convert[{n}].{key}' for {step['to']} (allowed: {', '.join([*allowed, 'layers'])})")
             expected = allowed[key]
+            if expected is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)  # `capacity: 1` means 1.0
+                step[key] = value
             if not isinstance(value, expected) or isinstance(value, bool) != (expected is bool):
-                kind = {int: "an integer", str: "a string", bool: "true or false"}.get(expected, expected.__name__)
+                kind = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(expected, expected.__name__)
                 raise CcliError(f"{where}: 'convert[{n}].{key}' must be {kind} (got {value!r})")
         convert.append(dict(step))
 

@@ -105,6 +105,7 @@ def test_shipped_recipes_are_valid():
     ("convert: [{to: ternary, act_bits: '8'}]", "'convert\\[0\\].act_bits' must be an integer"),
     ("convert: [{to: ternary, targets: 3}]", "'convert\\[0\\].targets' must be a string"),
     ("convert: [{to: int8, head: 1}]", "'convert\\[0\\].head' must be true or false"),
+    ("convert: [{to: mod, capacity: true}]", "'convert\\[0\\].capacity' must be a number"),
     ("convert: [{to: ternary, depth: 3}]", "unknown key 'convert\\[0\\].depth' for ternary"),
     ("convert: [{to: fff, layers: 3}]", "'convert\\[0\\].layers' must be a list of block indices"),
 ])
@@ -150,3 +151,10 @@ def test_training_text_deals_every_domain_into_every_stretch():
         assert any(p in per_domain[n] for p in head), n
     spans = [p for p in text[:400] if not any(p in ps for ps in per_domain.values())]
     assert spans  # and the short spans are mixed in from the start
+
+
+def test_recipe_reads_a_whole_number_for_a_float_option(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("convert: [{to: mod, capacity: 1}]\n")
+    step = load_recipe(path)["convert"][0]
+    assert step["capacity"] == 1.0 and isinstance(step["capacity"], float)
