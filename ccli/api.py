@@ -294,8 +294,9 @@ def _int8_layer_case(source, hidden, width):
             "dense": {"macs_per_token": macs, "adds_per_token": 0, "weight_bytes": macs * 4}}
     references = []
     if torch_int8 is not None:  # GPT-2's Conv1D is not an nn.Linear: torch's int8 leaves it alone
+        bias_bytes = 0 if dense.bias is None else dense.bias.numel() * dense.bias.element_size()  # not counted
         references.append(("int8-dynamic", torch_int8, {"macs_per_token": macs, "adds_per_token": 0,
-                                                         "weight_bytes": weight_bytes(torch_int8) - 4 * layer.out_features}))
+                                                         "weight_bytes": weight_bytes(torch_int8) - bias_bytes}))
     return name, layer.in_features, layer, dense, kernels, work, references
 
 
@@ -392,6 +393,7 @@ def bench_layer(
     _check_device(device)
     check_min_time(min_run_time)
     threads = threads or torch.get_num_threads()
+    references = []  # (kernel name, module, work per token): reference rows timed after dense
     if to == "fff":
         name, hidden, layer, dense, kernels, work = _fff_layer_case(source, hidden, width, trees, depth, leaf_width)
     elif to == "ternary":
@@ -402,8 +404,6 @@ def bench_layer(
         name, hidden, layer, dense, kernels, work, references = _int8_layer_case(source, hidden, width)
     else:
         raise CcliError(f"--to {to}: bench --layer times fff, ternary, moe or int8 layers")
-    if to != "int8":
-        references = []  # (kernel name, module, work per token): reference rows timed after dense
     layer, dense = layer.eval().to(device), dense.eval().to(device)
     token_counts = list(tokens)
     if not token_counts or min(token_counts) < 1:

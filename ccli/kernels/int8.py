@@ -34,7 +34,7 @@ import torch
 
 from ccli.kernels import native
 from ccli.kernels.registry import KernelOp, register_op
-from ccli.kernels.ternary_format import ACT_EPS, quantize_activations  # noqa: F401 - the same per-token quantiser
+from ccli.kernels.ternary_format import quantize_activations  # the ternary family's per-token quantiser
 
 __all__ = [
     "WEIGHT_EPS",
@@ -54,7 +54,7 @@ _native = native.INT8
 def quantize_weights(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(weight int8 (out, in), scale float32 (out,)) of a float weight (out, in): per-row absmax."""
     w = w.detach().float()
-    scale = (w.abs().amax(dim=1) / 127.0).clamp_min(WEIGHT_EPS) if w.shape[1] else w.new_ones(w.shape[0])
+    scale = (w.abs().amax(dim=1) / 127.0).clamp_min(WEIGHT_EPS)
     return torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8), scale
 
 

@@ -13,8 +13,9 @@ one a binary built for another's instruction set.
 - `MOE` (moe_cpu.cpp): the `ccli::moe` op (ccli.kernels.moe).
 - `INT8` (int8_cpu.cpp): the `ccli::int8_linear` op (ccli.kernels.int8).
 
-Every C++ source includes ccli_op.h, the dispatcher glue they share (SHARED_HEADERS lists it with the other shared headers) (the switch between the C++
-kernel and the Python fallback below, `configure`, releasing the GIL).
+Every C++ source includes ccli_op.h, the dispatcher glue they share (the switch between the C++
+kernel and the Python fallback below, `configure`, releasing the GIL); SHARED_HEADERS lists it with
+the other headers the sources share, whose text is part of each extension's name.
 
 If a build fails (no compiler, no OpenMP, ...), or the extension's environment variable
 (CCLI_FFF_NATIVE / CCLI_TERNARY_NATIVE / CCLI_MOE_NATIVE / CCLI_INT8_NATIVE) or CCLI_NATIVE is set to 0, `load()` returns None and callers

@@ -64,8 +64,8 @@ class LatentWeightLinear(ConvertedModule):
     buffers whenever it changed (keyed on its storage and version counter), so the eval-mode forward
     runs the kernel on exactly what training left; `finalize()` drops it, and what remains is what is
     saved. A progress checkpoint taken mid-conversion holds the latent too, and loading one brings it
-    back. Subclasses call `_init_latent(in, out)` in `__init__` and implement `_quantize_latent()`
-    (write the buffers from `self.weight`, under no_grad)."""
+    back. Subclasses call `_init_latent(in, out)` in `__init__` and define `_quantize_latent()`, which
+    writes their buffers from `self.weight` (`_sync` calls it under no_grad)."""
 
     unit_kind = "linear"
 
@@ -73,9 +73,6 @@ class LatentWeightLinear(ConvertedModule):
         self.in_features, self.out_features = in_features, out_features
         self.register_parameter("weight", None)
         self._quantized_version: tuple | None = None
-
-    def _quantize_latent(self) -> None:
-        raise NotImplementedError
 
     def start_from(self, weight: torch.Tensor, bias: torch.Tensor | None) -> "LatentWeightLinear":
         """Start from a dense (out, in) float weight and bias: the weight becomes the trainable latent,
