@@ -397,7 +397,10 @@ MOE_SPEC = OpSpec(
     make=_moe_make,
     realistic=[(f"moe-{'-'.join(map(str, shape))}", _moe_realistic(*shape)) for shape in [
         (1, 384, 64, 24, 14), (128, 384, 64, 24, 14), (5, 768, 64, 48, 16, True), (300, 64, 8, 16, 3),
-        (1, 31, 3, 7, 3, True), (200, 33, 10, 11, 2)]]
+        (1, 31, 3, 7, 3, True), (200, 33, 10, 11, 2),
+        # every column block of the native kernel's input side (widths 32, 40, 56 = 48 + 8, 61) and
+        # every number of tokens left over after its blocks of 8 (about 11-30 tokens per expert)
+        (60, 20, 4, 32, 2), (90, 17, 6, 40, 2, True), (45, 24, 3, 56, 1), (70, 9, 5, 61, 2)]]
     + [("moe-one-expert", _moe_realistic(90, 40, 6, 8, 1, one_expert=True)),
        ("moe-unused-experts", _moe_realistic(70, 40, 12, 8, 3, unused=6))],
     thread_cases=_moe_thread_cases,

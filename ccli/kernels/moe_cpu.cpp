@@ -8,9 +8,10 @@
 // y[token] += gate * sum_r h_r w_out[e*W + r]; y starts as b_out.
 //
 // Only the pairs given are computed: at one token, only the chosen experts' rows are read.
-//  - Each expert runs on its own tokens four at a time, register-blocked as outer products: four
-//    tokens x 16 neurons for the input side (the H x W layout: no horizontal sums), four tokens x 16
-//    output columns for the output side; every weight is loaded once per four tokens.
+//  - Each expert runs on its own tokens eight at a time (then 4, 3, 2 or 1 for the rest), register-
+//    blocked as outer products: the tokens x a block of up to 48 neurons on the input side (the
+//    H x W layout: no horizontal sums), the tokens x 32 to 128 output columns on the output side;
+//    every weight is loaded once per block of tokens. Activations run in vector registers too.
 //  - Threads (OpenMP, the libgomp torch uses, so torch.set_num_threads applies): with many tokens,
 //    each thread owns a range of output rows and runs every expert on its tokens in that range (tokens
 //    ascending within each expert, as ccli.kernels.moe.group_by_expert makes them: a binary search per
@@ -93,24 +94,96 @@ inline float act(float z) {
   }
 }
 
+#ifdef CCLI_VECTOR_EXT
+typedef float v16f __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+inline v16f loadu16(const float* p) {
+  v16f v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline void storeu16(float* p, v16f v) { std::memcpy(p, &v, sizeof v); }
+
+// exp_approx and act over a vector of V floats (VI: the matching int32 vector), the same arithmetic
+// as the scalar versions above written with vector types: the loops over neurons did not vectorise
+// (scalar erf per neuron cost ~40% of a layer at 128 tokens).
+template <typename V, typename VI>
+inline V exp_vec(V x) {
+  x = x < -87.3f ? V{} - 87.3f : x;
+  x = x > 88.3f ? V{} + 88.3f : x;
+  const V t = x * 1.44269504088896341f + 0.5f;
+  V fx = __builtin_convertvector(__builtin_convertvector(t, VI), V);  // truncation, then floor:
+  fx = fx > t ? fx - 1.0f : fx;
+  x -= fx * 0.693359375f;
+  x -= fx * -2.12194440e-4f;
+  V y = V{} + 1.9875691500e-4f;
+  y = y * x + 1.3981999507e-3f;
+  y = y * x + 8.3334519073e-3f;
+  y = y * x + 4.1665795894e-2f;
+  y = y * x + 1.6666665459e-1f;
+  y = y * x + 5.0000001201e-1f;
+  y = y * x * x + x + 1.0f;
+  const VI bits = (__builtin_convertvector(fx, VI) + 127) << 23;
+  V scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return y * scale;
+}
+
+template <Act A, typename V, typename VI>
+inline V act_vec(V z) {
+  if constexpr (A == Act::Gelu) {
+    const V u = z * 0.70710678118654752440f;
+    const V au = u < 0.0f ? -u : u;
+    const V t = 1.0f / (1.0f + 0.3275911f * au);
+    V poly = V{} + 1.061405429f;
+    poly = poly * t - 1.453152027f;
+    poly = poly * t + 1.421413741f;
+    poly = poly * t - 0.284496736f;
+    poly = poly * t + 0.254829592f;
+    const V r = 1.0f - poly * t * exp_vec<V, VI>(-au * au);
+    return 0.5f * z * (1.0f + (u < 0.0f ? -r : r));
+  } else if constexpr (A == Act::GeluTanh) {
+    const V u = 0.79788456080286535588f * (z + 0.044715f * z * z * z);
+    return z / (1.0f + exp_vec<V, VI>(-2.0f * u));
+  } else if constexpr (A == Act::Relu) {
+    return z > 0.0f ? z : V{};
+  } else {
+    return z / (1.0f + exp_vec<V, VI>(-z));
+  }
+}
+#endif
+
 // h[i] = act(z[i] + b[i]) (b may be null), or act(g[i]) * (z[i] + b[i]) when g (gate pre-activations)
-// is given, times `scale`, over n values.
+// is given, times `scale`, over n values: 16, then 8 at a time in vector registers, the rest scalar.
 template <Act A>
 inline void neurons(float* __restrict z, const float* __restrict b, const float* __restrict g, float scale,
                     int64_t n) {
-  if (g == nullptr) {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) z[i] = scale * act<A>(z[i] + (b != nullptr ? b[i] : 0.0f));
-  } else {
-#pragma omp simd
-    for (int64_t i = 0; i < n; ++i) z[i] = scale * act<A>(g[i]) * (z[i] + (b != nullptr ? b[i] : 0.0f));
+  int64_t i = 0;
+#ifdef CCLI_VECTOR_EXT
+  auto block = [&](auto zero, auto izero, auto load, auto store, int64_t width) {
+    using V = decltype(zero);
+    using VI = decltype(izero);
+    for (; i + width <= n; i += width) {
+      V pre = load(z + i);
+      if (b != nullptr) pre += load(b + i);
+      const V h = g == nullptr ? act_vec<A, V, VI>(pre) : act_vec<A, V, VI>(load(g + i)) * pre;
+      store(z + i, scale * h);
+    }
+  };
+  block(v16f{}, v16i{}, loadu16, storeu16, 16);
+  block(v8f{}, v8i{}, loadu8, storeu8, 8);
+#endif
+  for (; i < n; ++i) {
+    const float pre = z[i] + (b != nullptr ? b[i] : 0.0f);
+    z[i] = scale * (g == nullptr ? act<A>(pre) : act<A>(g[i]) * pre);
   }
 }
 
-// ---- vector primitives (plain loops for the vectoriser) -------------------------------------------
-
-
 // ---- the problem -------------------------------------------------------------------------------------
+
+constexpr int kMaxTokens = 8;                // tokens per register block
+constexpr int64_t kScratch = 2 * kMaxTokens;  // scratch floats per expert neuron: z and the gate's z
 
 struct Problem {
   const float* x;
@@ -126,103 +199,162 @@ struct Problem {
   int64_t N, H, E, W;
 };
 
-// x . (an expert's H x W input block wT) for 4 tokens: z[t*W + r]. Outer products, 4 tokens x 16
-// neurons in registers (then 8), the last W % 8 neurons in a plain loop.
-inline void inputs_tokens4(const float* const* xs, const float* __restrict wT, int64_t H, int64_t W,
-                           float* __restrict z) {
-  int64_t j0 = 0;
+// ---- register-blocked micro-kernels ----------------------------------------------------------------
+// T tokens at a time (1 to 4: an expert's last tokens are blocked too, which matters when experts get
+// a few tokens each), accumulators for T tokens x a block of columns in registers: each weight row is
+// loaded once for the T tokens, and there are enough independent accumulators to keep the FMA units
+// busy (fewer than 8 chains would wait on the FMA latency, so small blocks split the reduction in
+// two). Columns go 16 at a time (a 512-bit register where the CPU has them; the compiler splits the
+// vector type in two where it does not) plus one block of 8, so that widths such as 24 fill registers.
+
 #ifdef CCLI_VECTOR_EXT
-  for (; j0 + 16 <= W; j0 += 16) {
-    v8f acc[4][2];
-    for (int t = 0; t < 4; ++t) acc[t][0] = acc[t][1] = v8f{};
-    const float* w = wT + j0;
-    for (int64_t h = 0; h < H; ++h, w += W) {
-      const v8f u = loadu8(w), v = loadu8(w + 8);
-      for (int t = 0; t < 4; ++t) {
-        const float s = xs[t][h];
-        acc[t][0] += s * u;
-        acc[t][1] += s * v;
-      }
+// z[t * ldz + j] = sum_h xs[t][h] * wT[h * W + j], t < T, j < 16 * N16 + 8 * N8 (wT: the block's
+// first column).
+template <int T, int N16, int N8>
+inline void input_block(const float* const* xs, const float* __restrict wT, int64_t H, int64_t W,
+                        float* __restrict z, int64_t ldz) {
+  constexpr int U = T * (N16 + N8) < 8 ? 2 : 1;  // independent partial sums per accumulator
+  v16f a16[U][T][N16 > 0 ? N16 : 1];
+  v8f a8[U][T][N8 > 0 ? N8 : 1];
+  for (int u = 0; u < U; ++u)
+    for (int t = 0; t < T; ++t) {
+      for (int v = 0; v < N16; ++v) a16[u][t][v] = v16f{};
+      for (int v = 0; v < N8; ++v) a8[u][t][v] = v8f{};
     }
-    for (int t = 0; t < 4; ++t) {
-      storeu8(z + t * W + j0, acc[t][0]);
-      storeu8(z + t * W + j0 + 8, acc[t][1]);
+  auto step = [&](int u, int64_t h) {
+    const float* w = wT + h * W;
+    v16f w16[N16 > 0 ? N16 : 1];
+    v8f w8[N8 > 0 ? N8 : 1];
+    for (int v = 0; v < N16; ++v) w16[v] = loadu16(w + 16 * v);
+    for (int v = 0; v < N8; ++v) w8[v] = loadu8(w + 16 * N16 + 8 * v);
+    for (int t = 0; t < T; ++t) {
+      const float s = xs[t][h];
+      for (int v = 0; v < N16; ++v) a16[u][t][v] += s * w16[v];
+      for (int v = 0; v < N8; ++v) a8[u][t][v] += s * w8[v];
     }
-  }
-  for (; j0 + 8 <= W; j0 += 8) {
-    v8f acc[4] = {v8f{}, v8f{}, v8f{}, v8f{}};
-    const float* w = wT + j0;
-    for (int64_t h = 0; h < H; ++h, w += W) {
-      const v8f u = loadu8(w);
-      for (int t = 0; t < 4; ++t) acc[t] += xs[t][h] * u;
+  };
+  int64_t h = 0;
+  for (; h + U <= H; h += U)
+    for (int u = 0; u < U; ++u) step(u, h + u);
+  for (; h < H; ++h) step(0, h);
+  for (int t = 0; t < T; ++t) {
+    for (int v = 0; v < N16; ++v) {
+      v16f sum = a16[0][t][v];
+      for (int u = 1; u < U; ++u) sum += a16[u][t][v];
+      storeu16(z + t * ldz + 16 * v, sum);
     }
-    for (int t = 0; t < 4; ++t) storeu8(z + t * W + j0, acc[t]);
-  }
-#endif
-  if (j0 < W) {
-    const int64_t n = W - j0;
-    for (int t = 0; t < 4; ++t) std::fill(z + t * W + j0, z + t * W + W, 0.0f);
-    for (int64_t h = 0; h < H; ++h) {
-      const float* __restrict w = wT + h * W + j0;
-      for (int t = 0; t < 4; ++t) axpy(z + t * W + j0, xs[t][h], w, n);
+    for (int v = 0; v < N8; ++v) {
+      v8f sum = a8[0][t][v];
+      for (int u = 1; u < U; ++u) sum += a8[u][t][v];
+      storeu8(z + t * ldz + 16 * N16 + 8 * v, sum);
     }
   }
 }
 
-// Expert e on four tokens (pairs i .. i+3 of the grouped list), adding into rows of `out`.
-// scratch: 8*W floats.
-template <Act A>
-void expert_tokens4(const Problem& p, int64_t e, int64_t i, float* out, float* __restrict scratch) {
+// ys[t][i0 + c] += sum_q z[t * W + q] * w_out[q * H + i0 + c], t < T, c < 16 * NC.
+template <int T, int NC>
+inline void output_block(float* const* ys, const float* __restrict z, int64_t W, const float* __restrict w_out,
+                         int64_t H, int64_t i0) {
+  v16f acc[T][NC];
+  for (int t = 0; t < T; ++t)
+    for (int c = 0; c < NC; ++c) acc[t][c] = v16f{};
+  const float* wo = w_out + i0;
+  for (int64_t q = 0; q < W; ++q, wo += H) {
+    v16f wv[NC];
+    for (int c = 0; c < NC; ++c) wv[c] = loadu16(wo + 16 * c);
+    for (int t = 0; t < T; ++t) {
+      const float s = z[t * W + q];
+      for (int c = 0; c < NC; ++c) acc[t][c] += s * wv[c];
+    }
+  }
+  for (int t = 0; t < T; ++t)
+    for (int c = 0; c < NC; ++c) storeu16(ys[t] + i0 + 16 * c, loadu16(ys[t] + i0 + 16 * c) + acc[t][c]);
+}
+#endif
+
+// z[t * W + j] = x_t . (an expert's H x W input block wT)[:, j] for T tokens and every j.
+template <int T>
+inline void expert_inputs(const float* const* xs, const float* __restrict wT, int64_t H, int64_t W,
+                          float* __restrict z) {
+  int64_t j0 = 0;
+#ifdef CCLI_VECTOR_EXT
+  for (; j0 + 48 <= W; j0 += 48) input_block<T, 3, 0>(xs, wT + j0, H, W, z + j0, W);
+  switch ((W - j0) / 8) {
+    case 5: input_block<T, 2, 1>(xs, wT + j0, H, W, z + j0, W); j0 += 40; break;
+    case 4: input_block<T, 2, 0>(xs, wT + j0, H, W, z + j0, W); j0 += 32; break;
+    case 3: input_block<T, 1, 1>(xs, wT + j0, H, W, z + j0, W); j0 += 24; break;
+    case 2: input_block<T, 1, 0>(xs, wT + j0, H, W, z + j0, W); j0 += 16; break;
+    case 1: input_block<T, 0, 1>(xs, wT + j0, H, W, z + j0, W); j0 += 8; break;
+    default: break;
+  }
+#endif
+  if (j0 < W) {
+    const int64_t n = W - j0;
+    for (int t = 0; t < T; ++t) std::fill(z + t * W + j0, z + t * W + W, 0.0f);
+    for (int64_t h = 0; h < H; ++h) {
+      const float* __restrict w = wT + h * W + j0;
+      for (int t = 0; t < T; ++t) axpy(z + t * W + j0, xs[t][h], w, n);
+    }
+  }
+}
+
+// ys[t] += z_t . w_out (W rows of H floats) for T tokens: 8 to 16 accumulators in registers.
+template <int T>
+inline void expert_outputs(float* const* ys, const float* __restrict z, int64_t W, const float* __restrict w_out,
+                           int64_t H) {
+  constexpr int NC = T == 1 ? 8 : T == 2 ? 6 : T <= 4 ? 4 : 2;
+  int64_t i0 = 0;
+#ifdef CCLI_VECTOR_EXT
+  for (; i0 + 16 * NC <= H; i0 += 16 * NC) output_block<T, NC>(ys, z, W, w_out, H, i0);
+  for (; i0 + 16 <= H; i0 += 16) output_block<T, 1>(ys, z, W, w_out, H, i0);
+#endif
+  if (i0 < H) {
+    const int64_t rest = H - i0;
+    for (int64_t q = 0; q < W; ++q) {
+      const float* wo = w_out + q * H + i0;
+      for (int t = 0; t < T; ++t) axpy(ys[t] + i0, z[t * W + q], wo, rest);
+    }
+  }
+}
+
+// Expert e on T tokens (pairs i .. i+T-1 of the grouped list), adding into rows of `out`.
+// scratch: kScratch * W floats.
+template <Act A, int T>
+void expert_tokens(const Problem& p, int64_t e, int64_t i, float* out, float* __restrict scratch) {
   const int64_t H = p.H, W = p.W, row0 = e * W;
-  const float* xs[4];
-  float* ys[4];
-  float g[4];
-  for (int t = 0; t < 4; ++t) {
+  const float* xs[T];
+  float* ys[T];
+  float g[T];
+  for (int t = 0; t < T; ++t) {
     const int64_t tok = p.tokens[i + t];
     xs[t] = p.x + tok * H;
     ys[t] = out + tok * H;
     g[t] = p.gates != nullptr ? p.gates[i + t] : 1.0f;
   }
   float* z = scratch;
-  float* zg = scratch + 4 * W;
-  inputs_tokens4(xs, p.w_in + e * H * W, H, W, z);
-  if (p.w_gate != nullptr) inputs_tokens4(xs, p.w_gate + e * H * W, H, W, zg);
+  float* zg = scratch + kMaxTokens * W;
+  expert_inputs<T>(xs, p.w_in + e * H * W, H, W, z);
+  if (p.w_gate != nullptr) expert_inputs<T>(xs, p.w_gate + e * H * W, H, W, zg);
   const float* bias = p.b_in != nullptr ? p.b_in + row0 : nullptr;
-  for (int t = 0; t < 4; ++t) neurons<A>(z + t * W, bias, p.w_gate != nullptr ? zg + t * W : nullptr, g[t], W);
-  add_rows_tokens4(ys, z, W, p.w_out + row0 * H, H);
-}
-
-// Expert e on one token (pair i), adding into its row of `out`. scratch: 2*W floats.
-template <Act A>
-void expert_token(const Problem& p, int64_t e, int64_t i, float* out, float* __restrict scratch) {
-  const int64_t H = p.H, W = p.W, row0 = e * W;
-  const int64_t tok = p.tokens[i];
-  const float* __restrict x = p.x + tok * H;
-  float* __restrict y = out + tok * H;
-  float* z = scratch;
-  float* zg = scratch + W;
-  auto inputs = [&](const float* wT, float* out_z) {  // z = x . wT (H x W), contiguous rows of W
-    std::fill(out_z, out_z + W, 0.0f);
-    for (int64_t h = 0; h < H; ++h) axpy(out_z, x[h], wT + h * W, W);
-  };
-  inputs(p.w_in + e * H * W, z);
-  if (p.w_gate != nullptr) inputs(p.w_gate + e * H * W, zg);
-  neurons<A>(z, p.b_in != nullptr ? p.b_in + row0 : nullptr, p.w_gate != nullptr ? zg : nullptr,
-             p.gates != nullptr ? p.gates[i] : 1.0f, W);
-  int64_t j = 0;
-  for (; j + 4 <= W; j += 4) {
-    const float* wo = p.w_out + (row0 + j) * H;
-    axpy_rows4(y, z + j, wo, wo + H, wo + 2 * H, wo + 3 * H, H);
-  }
-  for (; j < W; ++j) axpy(y, z[j], p.w_out + (row0 + j) * H, H);
+  for (int t = 0; t < T; ++t) neurons<A>(z + t * W, bias, p.w_gate != nullptr ? zg + t * W : nullptr, g[t], W);
+  expert_outputs<T>(ys, z, W, p.w_out + row0 * H, H);
 }
 
 // Expert e on pairs [begin, end) of the grouped list.
 template <Act A>
 void expert_pairs(const Problem& p, int64_t e, int64_t begin, int64_t end, float* out, float* scratch) {
   int64_t i = begin;
-  for (; i + 4 <= end; i += 4) expert_tokens4<A>(p, e, i, out, scratch);
-  for (; i < end; ++i) expert_token<A>(p, e, i, out, scratch);
+  for (; i + 8 <= end; i += 8) expert_tokens<A, 8>(p, e, i, out, scratch);
+  if (i + 4 <= end) {
+    expert_tokens<A, 4>(p, e, i, out, scratch);
+    i += 4;
+  }
+  switch (end - i) {
+    case 3: expert_tokens<A, 3>(p, e, i, out, scratch); break;
+    case 2: expert_tokens<A, 2>(p, e, i, out, scratch); break;
+    case 1: expert_tokens<A, 1>(p, e, i, out, scratch); break;
+    default: break;
+  }
 }
 
 template <Act A>
@@ -240,7 +372,7 @@ void moe_all(const Problem& p, bool ascending) {
   const int nthreads = at::get_num_threads();
   if (pairs == 0) return;
   if (nthreads <= 1 || pairs == 1) {
-    std::vector<float> scratch(8 * p.W);
+    std::vector<float> scratch(kScratch * p.W);
     for (int64_t e = 0; e < E; ++e) expert_pairs<A>(p, e, p.offsets[e], p.offsets[e + 1], p.y, scratch.data());
     return;
   }
@@ -250,7 +382,7 @@ void moe_all(const Problem& p, bool ascending) {
     {
       const int t = omp_get_thread_num(), T = omp_get_num_threads();
       const int64_t lo = N * t / T, hi = N * (t + 1) / T;
-      std::vector<float> scratch(8 * p.W);
+      std::vector<float> scratch(kScratch * p.W);
       for (int64_t e = 0; e < E; ++e) {
         const int64_t* first = p.tokens + p.offsets[e];
         const int64_t* last = p.tokens + p.offsets[e + 1];
@@ -278,7 +410,7 @@ void moe_all(const Problem& p, bool ascending) {
   {
     const int t = omp_get_thread_num();
     float* mine = partial.data() + size_t(t) * N * H;
-    std::vector<float> scratch(8 * p.W);
+    std::vector<float> scratch(kScratch * p.W);
     // static: the same items land in the same buffer on every call, so results are bit-reproducible
 #pragma omp for schedule(static)
     for (int64_t it = 0; it < n_items; ++it) {
