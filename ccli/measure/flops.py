@@ -30,7 +30,7 @@ _NOT_MAC_OPS = frozenset(
     "full where masked_fill masked_fill_ ne eq gt lt ge le arange expand_as clone fill_ copy_ sum max "
     "min abs sign clamp clamp_min round bitwise_not bitwise_and bitwise_or __and__ __or__ any all "
     "scatter gather index index_select argmax topk sort lift_fresh new_zeros floor_divide remainder "
-    "triu tril type_as masked_scatter linalg_vector_norm argsort bincount view_as".split()
+    "triu tril type_as masked_scatter linalg_vector_norm argsort bincount searchsorted view_as".split()
 )
 
 
