@@ -13,6 +13,8 @@ A forward pass stops as soon as the wanted module has its input (the rest of the
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from dataclasses import dataclass
 
 import torch
@@ -49,13 +51,38 @@ def _run_until(model: nn.Module, path: str, batches: list[dict], hook, enough) -
         handle.remove()
 
 
+# While a routed block (ccli.variants.mod) runs its parts on the gathered sequence of its routed
+# tokens, the (batch, k) bool mask of the gathered slots that hold a real routed token (the others
+# are filler, computed and dropped). A module inside the block sees those rows, not the batch's.
+_GATHERED: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("gathered_rows", default=None)
+
+
+@contextlib.contextmanager
+def gathered_rows(valid: torch.Tensor):
+    """Within this block, modules run on a gathered sequence whose real slots are `valid` (batch, k)."""
+    token = _GATHERED.set(valid)
+    try:
+        yield
+    finally:
+        _GATHERED.reset(token)
+
+
+def real_rows(x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Which rows of `x` (..., features), the input of some module, are real tokens: the batch's
+    attention mask, or inside a routed block the gathered slots that hold routed tokens."""
+    gathered = _GATHERED.get()
+    if gathered is not None and tuple(x.shape[:-1]) == tuple(gathered.shape):
+        return gathered.reshape(-1)
+    return attention_mask.reshape(-1).bool()
+
+
 def collect_inputs(model: nn.Module, path: str, batches: list[dict], tokens: int) -> torch.Tensor:
     """Up to `tokens` real (non-padding) inputs of the module at `path`: (tokens, features)."""
     captured: list[torch.Tensor] = []
 
     def hook(batch, args, kwargs):
         x = args[0]
-        real = batch["attention_mask"].reshape(-1).bool()
+        real = real_rows(x, batch["attention_mask"])
         captured.append(x.detach().reshape(-1, x.shape[-1])[real].float())
 
     _run_until(model, path, batches, hook, lambda: sum(len(c) for c in captured) >= tokens)

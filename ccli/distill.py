@@ -353,7 +353,8 @@ def end_to_end(student: nn.Module, teacher: nn.Module, batches: list[dict], cfg:
     Returns the training losses and whether the result was kept (None: nothing to train).
     With `checkpoint`, progress is saved as it goes and a saved run is continued."""
     layers = converted_modules(student)
-    params = [p for m in layers for p in m.parameters()]
+    # once each: a routed block's parameters include those of a converted FFN inside it
+    params = list({id(p): p for m in layers for p in m.parameters()}.values())
     if not params:
         return [], None
     for p in student.parameters():

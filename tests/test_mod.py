@@ -428,3 +428,47 @@ def test_the_fitted_skip_path_lowers_each_routed_blocks_error(which, request):
     assert skipping[0]["init"]["router_correlation"] == pytest.approx(plain[0]["init"]["router_correlation"], abs=1e-6)
     if which == "tiny_llama":
         assert 0.5 < skipping[0]["init"]["predictor_accuracy"] <= 1
+
+
+MOE_THEN_MOD = """
+convert:
+  - {to: moe, experts: 8, top_k: 2, layers: [1, 3]}
+  - {to: mod, capacity: 0.5, blocks: "1", attention: all}
+"""
+
+
+# torch warns when a backward pass goes through an op without a gradient formula (an MoE left on its
+# inference kernel while training) and when the optimizer holds a parameter twice
+@pytest.mark.filterwarnings("error::UserWarning")
+def test_a_routed_block_composes_with_a_converted_ffn(tiny_bert, tmp_path):
+    """A recipe routes tokens around a block whose FFN an earlier step made a mixture of experts: the
+    MoE trains on its own training path inside the routed block, runs on the routed tokens only, the
+    fidelity report reads its inputs there, and the model saves and reloads bit-identically."""
+    from ccli.variants.moe import MoE
+
+    recipe = tmp_path / "moe-mod.yaml"
+    recipe.write_text(MOE_THEN_MOD)
+    out = tmp_path / "moe-mod"
+    record = convert(tiny_bert, recipe=str(recipe), e2e_steps=2, out=str(out), **BUDGET)
+    assert [(r["layer"], r["target"]) for r in record["layers"]][-1] == (1, "block")
+    manifest = json.loads((out / "ccli.json").read_text())
+    assert [u["spec"]["variant"] for u in manifest["units"]] == ["moe", "moe", "mod"]
+
+    model, tokenizer = ccli.load(str(out))
+    again, _ = ccli.load(str(out))
+    blocks = [b.module for b in view(model).blocks]
+    assert [isinstance(b, MoDBlock) for b in blocks] == [False, True, False, False]
+    (inner,) = [m for m in blocks[1].modules() if isinstance(m, MoE)]
+    assert len([m for m in blocks[3].modules() if isinstance(m, MoE)]) == 1
+    blocks[1].train()
+    assert inner.training and not blocks[1].attention.training  # its training path; no dropout elsewhere
+    blocks[1].eval()
+    assert set(record["fidelity"]["ffn_rel_error"]) == {1, 3}
+    enc = tokenizer(["The routed block runs its experts on the routed tokens alone."], return_tensors="pt")
+    rows = []
+    hook = inner.register_forward_hook(lambda module, args, output: rows.append(args[0].reshape(-1, HIDDEN).shape[0]))
+    with torch.inference_mode():
+        first, second = model(**enc).last_hidden_state, again(**enc).last_hidden_state
+    hook.remove()
+    assert rows == [math.ceil(0.5 * int(enc["attention_mask"].sum()))]
+    assert torch.equal(first, second)

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..capture import gathered_rows
 from ..errors import CcliError
 from .base import BlockVariant, ConvertedModule, VariantConfig, option, wrap_block
 from .mod_causal import bind_call, decoder_parts, mask_allows, real_query_tokens, run_routed
@@ -140,11 +141,17 @@ class MoDBlock(ConvertedModule):
                             "not one); use --attention routed")
 
     def train(self, mode: bool = True):
-        # the block's own parts stay in eval mode (no dropout) while its weights or router are trained
+        # the block's own parts stay in eval mode (no dropout) while its weights or router are trained,
+        # except converted modules inside it (an earlier recipe step's FFN): they train on their own
+        # training path (an MoE's, with gradients, not its inference kernel)
         nn.Module.train(self, mode)
         for child in self.children():
             if child not in (self.router, getattr(self, "predictor", None), self.skip):
                 child.eval()
+        if mode:
+            for module in self.modules():
+                if module is not self and isinstance(module, ConvertedModule):
+                    module.train(True)
         return self
 
     def block_forward(self, hidden_states, *args, **kwargs) -> torch.Tensor:
@@ -153,7 +160,7 @@ class MoDBlock(ConvertedModule):
         return out[0] if isinstance(out, tuple) else out
 
     def routed_over_all_keys(self, routed: torch.Tensor, hidden_states: torch.Tensor, index: torch.Tensor,
-                             attention_mask: torch.Tensor | None) -> torch.Tensor:
+                             valid: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """A BERT-style block on the routed tokens, their queries attending over every token's keys and
         values (K/V projections on all tokens, Q, output projection and FFN on the routed ones only)."""
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -162,9 +169,10 @@ class MoDBlock(ConvertedModule):
         sa = self.attention.self
         batch, k, _ = routed.shape
         seq = hidden_states.shape[1]
-        q = sa.query(routed).view(batch, k, -1, sa.attention_head_size).transpose(1, 2)
         keys = sa.key(hidden_states).view(batch, seq, -1, sa.attention_head_size).transpose(1, 2)
         values = sa.value(hidden_states).view(batch, seq, -1, sa.attention_head_size).transpose(1, 2)
+        with gathered_rows(valid):
+            q = sa.query(routed).view(batch, k, -1, sa.attention_head_size).transpose(1, 2)
         mask = attention_mask
         if mask is not None and mask.dim() == 4:  # the routed queries' rows of the block's mask
             mask = mask.expand(batch, mask.shape[1], seq, seq).gather(
@@ -173,8 +181,9 @@ class MoDBlock(ConvertedModule):
             mask = mask.bool()[:, None, None, :].expand(batch, 1, k, seq)
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(sa.config._attn_implementation, eager_attention_forward)
         context, _ = interface(sa, q, keys, values, mask, dropout=0.0, scaling=sa.scaling)
-        attended = self.attention.output(context.reshape(batch, k, -1).contiguous(), routed)
-        return self.feed_forward_chunk(attended)
+        with gathered_rows(valid):
+            attended = self.attention.output(context.reshape(batch, k, -1).contiguous(), routed)
+            return self.feed_forward_chunk(attended)
 
     def scores(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.router_frozen:  # `--train block`: the router keeps its fit, end to end too
@@ -249,9 +258,10 @@ class MoDBlock(ConvertedModule):
         rows = index[..., None].expand(-1, -1, hidden)
         routed = hidden_states.gather(1, rows)
         if self.attention_keys == "all":
-            out = self.routed_over_all_keys(routed, hidden_states, index, attention_mask)
+            out = self.routed_over_all_keys(routed, hidden_states, index, valid, attention_mask)
         else:
-            out = self.block_forward(routed, _sub_mask(attention_mask, valid), *args, **kwargs)
+            with gathered_rows(valid):
+                out = self.block_forward(routed, _sub_mask(attention_mask, valid), *args, **kwargs)
         scale = self.update_scale(scores.gather(1, index)) * valid
         result = hidden_states.scatter_add(1, rows, (out - routed) * scale[..., None].to(out.dtype))
         self.last_routing = {"capacity": self.capacity, "tokens": int(k.sum()), "real_tokens": int(real.sum())}

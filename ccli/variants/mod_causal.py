@@ -32,6 +32,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import nn
 
+from ..capture import gathered_rows
 from ..errors import CcliError
 
 
@@ -244,11 +245,13 @@ def run_routed(parts: DecoderParts, hidden: torch.Tensor, routed: torch.Tensor, 
     if index.shape[1] == 0:
         return hidden[:, :0], index, valid
     kv_len = keys.shape[-2]
-    queries = parts.queries(_rows(normed, index), index, bound)
+    with gathered_rows(valid):
+        queries = parts.queries(_rows(normed, index), index, bound)
     mask = routed_query_mask(bound.get("attention_mask"), index, valid, kv_len - seq, kv_len, queries.dtype)
     eager = sys.modules[type(attn).__module__].eager_attention_forward
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, eager)
     context, _ = interface(attn, queries, keys, values, mask, dropout=0.0, scaling=attn.scaling)
     routed_in = _rows(hidden, index)
-    attended = routed_in + parts.output(context.reshape(batch, index.shape[1], -1).contiguous())
-    return parts.ffn(attended), index, valid
+    with gathered_rows(valid):
+        attended = routed_in + parts.output(context.reshape(batch, index.shape[1], -1).contiguous())
+        return parts.ffn(attended), index, valid
