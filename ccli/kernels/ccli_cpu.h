@@ -1,9 +1,10 @@
 // Vector primitives, activation names and argument checks shared by the native CPU kernels (fff_cpu.cpp,
 // moe_cpu.cpp).
 //
-// Plain loops written for the vectoriser (omp simd), and GCC/Clang vector types for the one register-
-// blocked loop both kernels run: four tokens' output rows accumulated 16 columns at a time. Inline
-// functions with internal linkage, like ccli_op.h: each extension is its own shared library.
+// Plain loops written for the vectoriser (omp simd), and GCC/Clang vector types of 8 and 16 floats
+// for the register-blocked loops (the FFF kernel's four-token output rows below, the MoE kernel's
+// blocks). Inline functions with internal linkage, like ccli_op.h: each extension is its own shared
+// library.
 
 #pragma once
 
@@ -59,12 +60,25 @@ inline void axpy_rows4(float* __restrict y, const float* a, const float* __restr
 #if defined(__GNUC__) || defined(__clang__)
 #define CCLI_VECTOR_EXT 1
 typedef float v8f __attribute__((vector_size(32)));
-inline v8f loadu8(const float* p) {
-  v8f v;
+typedef int32_t v8i __attribute__((vector_size(32)));
+// 16 floats: one 512-bit register where the CPU has them, split in two by the compiler where not
+typedef float v16f __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+template <typename V>
+inline V loadu(const float* p) {
+  V v;
   std::memcpy(&v, p, sizeof v);
   return v;
 }
-inline void storeu8(float* p, v8f v) { std::memcpy(p, &v, sizeof v); }
+template <typename V>
+inline void storeu(float* p, V v) {
+  std::memcpy(p, &v, sizeof v);
+}
+inline v8f loadu8(const float* p) { return loadu<v8f>(p); }
+inline void storeu8(float* p, v8f v) { storeu(p, v); }
+inline v16f loadu16(const float* p) { return loadu<v16f>(p); }
+inline void storeu16(float* p, v16f v) { storeu(p, v); }
 #endif
 
 // ys[t] += sum_q z[t * W + q] * w_out[q] for four tokens t, where w_out holds W rows of H floats:

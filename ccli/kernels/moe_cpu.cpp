@@ -95,16 +95,6 @@ inline float act(float z) {
 }
 
 #ifdef CCLI_VECTOR_EXT
-typedef float v16f __attribute__((vector_size(64)));
-typedef int32_t v16i __attribute__((vector_size(64)));
-typedef int32_t v8i __attribute__((vector_size(32)));
-inline v16f loadu16(const float* p) {
-  v16f v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-inline void storeu16(float* p, v16f v) { std::memcpy(p, &v, sizeof v); }
-
 // exp_approx and act over a vector of V floats (VI: the matching int32 vector), the same arithmetic
 // as the scalar versions above written with vector types: the loops over neurons did not vectorise
 // (scalar erf per neuron cost ~40% of a layer at 128 tokens).
