@@ -78,11 +78,12 @@ def group_by_expert(expert_idx: torch.Tensor, experts: int, keep: torch.Tensor |
         kept = keep.reshape(-1)
         flat, token = flat[kept], token[kept]
         flat_gates = None if flat_gates is None else flat_gates[kept]
-    order = torch.argsort(flat, stable=True)
-    # where each expert's run starts in the sorted list (searchsorted: bincount's range checks cost
-    # more than the whole grouping at a few tokens)
-    bounds = torch.arange(experts + 1, device=expert_idx.device, dtype=flat.dtype)
-    offsets = torch.searchsorted(flat[order], bounds)
+    # one sort on a key unique to each pair (expert major, token minor): the same order as a stable
+    # sort by expert, at less than half its cost; then where each expert's run starts (searchsorted:
+    # bincount's range checks cost more than the whole grouping at a few tokens)
+    keys, order = torch.sort(flat * max(n, 1) + token)
+    bounds = torch.arange(experts + 1, device=expert_idx.device, dtype=keys.dtype) * max(n, 1)
+    offsets = torch.searchsorted(keys, bounds)
     return token[order], offsets, None if flat_gates is None else flat_gates[order]
 
 

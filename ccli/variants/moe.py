@@ -97,9 +97,9 @@ class MoE(ConvertedModule):
 
     def choose(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(expert indices (tokens, k), which of them run (tokens, k) bool, or None for all)."""
+        if not self.coverage:  # the order of a token's experts does not matter
+            return scores.topk(self.top_k, dim=-1, sorted=False).indices, None
         top = scores.topk(self.top_k, dim=-1)
-        if not self.coverage:
-            return top.indices, None
         predicted = top.values.clamp_min(0)
         covered_before = predicted.cumsum(-1) - predicted
         keep = covered_before < self.coverage * scores.clamp_min(0).sum(-1, keepdim=True)
