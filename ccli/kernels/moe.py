@@ -81,8 +81,9 @@ def group_by_expert(expert_idx: torch.Tensor, experts: int, keep: torch.Tensor |
     # one sort on a key unique to each pair (expert major, token minor): the same order as a stable
     # sort by expert, at less than half its cost; then where each expert's run starts (searchsorted:
     # bincount's range checks cost more than the whole grouping at a few tokens)
-    keys, order = torch.sort(flat * max(n, 1) + token)
-    bounds = torch.arange(experts + 1, device=expert_idx.device, dtype=keys.dtype) * max(n, 1)
+    stride = n + 1  # more than any token index (and no comparison for a JIT trace to warn about)
+    keys, order = torch.sort(flat * stride + token)
+    bounds = torch.arange(experts + 1, device=expert_idx.device, dtype=keys.dtype) * stride
     offsets = torch.searchsorted(keys, bounds)
     return token[order], offsets, None if flat_gates is None else flat_gates[order]
 
