@@ -57,14 +57,7 @@ inline void axpy_rows4(float* __restrict y, const float* a, const float* __restr
   for (int64_t i = 0; i < n; ++i) y[i] += a0 * w0[i] + a1 * w1[i] + a2 * w2[i] + a3 * w3[i];
 }
 
-#if defined(__GNUC__) || defined(__clang__)
-#define CCLI_VECTOR_EXT 1
-typedef float v8f __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
-// 16 floats: one 512-bit register where the CPU has them, split in two by the compiler where not
-typedef float v16f __attribute__((vector_size(64)));
-typedef int32_t v16i __attribute__((vector_size(64)));
-
+// Unaligned load / store of a lane type: one float, or one of the vector types below.
 template <typename V>
 inline V loadu(const float* p) {
   V v;
@@ -75,6 +68,15 @@ template <typename V>
 inline void storeu(float* p, V v) {
   std::memcpy(p, &v, sizeof v);
 }
+
+#if defined(__GNUC__) || defined(__clang__)
+#define CCLI_VECTOR_EXT 1
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+// 16 floats: one 512-bit register where the CPU has them, split in two by the compiler where not
+typedef float v16f __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+
 inline v8f loadu8(const float* p) { return loadu<v8f>(p); }
 inline void storeu8(float* p, v8f v) { storeu(p, v); }
 inline v16f loadu16(const float* p) { return loadu<v16f>(p); }

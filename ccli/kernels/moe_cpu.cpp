@@ -46,64 +46,26 @@ namespace {
 using namespace ccli_cpu;
 
 
-// Activations over arrays, written for the vectoriser: exp by range reduction and a polynomial
-// (Cephes expf, ~1e-7 relative), erf by Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7). A scalar
-// std::erf per neuron costs as much as the neuron's multiply-accumulates at these widths.
-inline float exp_approx(float x) {
-  x = std::min(std::max(x, -87.3f), 88.3f);
-  const float fx = std::floor(x * 1.44269504088896341f + 0.5f);
-  x -= fx * 0.693359375f;
-  x -= fx * -2.12194440e-4f;
-  float y = 1.9875691500e-4f;
-  y = y * x + 1.3981999507e-3f;
-  y = y * x + 8.3334519073e-3f;
-  y = y * x + 4.1665795894e-2f;
-  y = y * x + 1.6666665459e-1f;
-  y = y * x + 5.0000001201e-1f;
-  y = y * x * x + x + 1.0f;
-  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(fx) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof scale);
-  return y * scale;
-}
-
-inline float erf_approx(float x) {
-  const float ax = std::fabs(x);
-  const float t = 1.0f / (1.0f + 0.3275911f * ax);
-  float poly = 1.061405429f;
-  poly = poly * t - 1.453152027f;
-  poly = poly * t + 1.421413741f;
-  poly = poly * t - 0.284496736f;
-  poly = poly * t + 0.254829592f;
-  const float r = 1.0f - poly * t * exp_approx(-ax * ax);
-  return std::copysign(r, x);
-}
-
-template <Act A>
-inline float act(float z) {
-  if constexpr (A == Act::Gelu) {
-    return 0.5f * z * (1.0f + erf_approx(z * 0.70710678118654752440f));
-  } else if constexpr (A == Act::GeluTanh) {
-    // 0.5 z (1 + tanh(u)) = z / (1 + exp(-2u))
-    const float u = 0.79788456080286535588f * (z + 0.044715f * z * z * z);
-    return z / (1.0f + exp_approx(-2.0f * u));
-  } else if constexpr (A == Act::Relu) {
-    return z > 0.0f ? z : 0.0f;
-  } else {
-    return z / (1.0f + exp_approx(-z));
-  }
-}
-
+// Activations, written once for a lane type V: one float, or (GCC/Clang) a vector of 8 or 16 floats,
+// so that the loops over neurons run in vector registers and their tails on single floats. exp by
+// range reduction and a polynomial (Cephes expf, ~1e-7 relative), erf by Abramowitz & Stegun 7.1.26
+// (|error| < 1.5e-7). A scalar std::erf per neuron costs as much as the neuron's multiply-accumulates
+// at these widths (the loop did not vectorise by itself: ~40% of a layer at 128 tokens).
+inline int32_t to_int(float x) { return static_cast<int32_t>(x); }  // truncation, like the vector ones
+inline float to_float(int32_t x) { return static_cast<float>(x); }
 #ifdef CCLI_VECTOR_EXT
-// exp_approx and act over a vector of V floats (VI: the matching int32 vector), the same arithmetic
-// as the scalar versions above written with vector types: the loops over neurons did not vectorise
-// (scalar erf per neuron cost ~40% of a layer at 128 tokens).
-template <typename V, typename VI>
-inline V exp_vec(V x) {
+inline v8i to_int(v8f x) { return __builtin_convertvector(x, v8i); }
+inline v16i to_int(v16f x) { return __builtin_convertvector(x, v16i); }
+inline v8f to_float(v8i x) { return __builtin_convertvector(x, v8f); }
+inline v16f to_float(v16i x) { return __builtin_convertvector(x, v16f); }
+#endif
+
+template <typename V>
+inline V exp_approx(V x) {
   x = x < -87.3f ? V{} - 87.3f : x;
   x = x > 88.3f ? V{} + 88.3f : x;
   const V t = x * 1.44269504088896341f + 0.5f;
-  V fx = __builtin_convertvector(__builtin_convertvector(t, VI), V);  // truncation, then floor:
+  V fx = to_float(to_int(t));  // truncation, then floor:
   fx = fx > t ? fx - 1.0f : fx;
   x -= fx * 0.693359375f;
   x -= fx * -2.12194440e-4f;
@@ -114,15 +76,15 @@ inline V exp_vec(V x) {
   y = y * x + 1.6666665459e-1f;
   y = y * x + 5.0000001201e-1f;
   y = y * x * x + x + 1.0f;
-  const VI bits = (__builtin_convertvector(fx, VI) + 127) << 23;
+  const auto bits = (to_int(fx) + 127) << 23;  // 2^fx, fx in [-126, 128]
   V scale;
   std::memcpy(&scale, &bits, sizeof scale);
   return y * scale;
 }
 
-template <Act A, typename V, typename VI>
-inline V act_vec(V z) {
-  if constexpr (A == Act::Gelu) {
+template <Act A, typename V>
+inline V act(V z) {
+  if constexpr (A == Act::Gelu) {  // 0.5 z (1 + erf(z / sqrt 2))
     const V u = z * 0.70710678118654752440f;
     const V au = u < 0.0f ? -u : u;
     const V t = 1.0f / (1.0f + 0.3275911f * au);
@@ -131,43 +93,42 @@ inline V act_vec(V z) {
     poly = poly * t + 1.421413741f;
     poly = poly * t - 0.284496736f;
     poly = poly * t + 0.254829592f;
-    const V r = 1.0f - poly * t * exp_vec<V, VI>(-au * au);
+    const V r = 1.0f - poly * t * exp_approx(-au * au);
     return 0.5f * z * (1.0f + (u < 0.0f ? -r : r));
-  } else if constexpr (A == Act::GeluTanh) {
+  } else if constexpr (A == Act::GeluTanh) {  // 0.5 z (1 + tanh(u)) = z / (1 + exp(-2u))
     const V u = 0.79788456080286535588f * (z + 0.044715f * z * z * z);
-    return z / (1.0f + exp_vec<V, VI>(-2.0f * u));
+    return z / (1.0f + exp_approx(-2.0f * u));
   } else if constexpr (A == Act::Relu) {
     return z > 0.0f ? z : V{};
   } else {
-    return z / (1.0f + exp_vec<V, VI>(-z));
+    return z / (1.0f + exp_approx(-z));
   }
 }
-#endif
 
 // h[i] = act(z[i] + b[i]) (b may be null), or act(g[i]) * (z[i] + b[i]) when g (gate pre-activations)
-// is given, times `scale`, over n values: 16, then 8 at a time in vector registers, the rest scalar.
+// is given, times `scale`, for i in [i, n) in lanes of V while whole ones fit; returns where it stopped.
+template <Act A, typename V>
+inline int64_t neurons_from(float* __restrict z, const float* __restrict b, const float* __restrict g, float scale,
+                            int64_t i, int64_t n) {
+  constexpr int64_t width = sizeof(V) / sizeof(float);
+  for (; i + width <= n; i += width) {
+    V pre = loadu<V>(z + i);
+    if (b != nullptr) pre += loadu<V>(b + i);
+    storeu(z + i, scale * (g == nullptr ? act<A>(pre) : act<A>(loadu<V>(g + i)) * pre));
+  }
+  return i;
+}
+
+// The same over all n values: 16, then 8 at a time in vector registers, the rest one by one.
 template <Act A>
 inline void neurons(float* __restrict z, const float* __restrict b, const float* __restrict g, float scale,
                     int64_t n) {
   int64_t i = 0;
 #ifdef CCLI_VECTOR_EXT
-  auto block = [&](auto zero, auto izero, auto load, auto store, int64_t width) {
-    using V = decltype(zero);
-    using VI = decltype(izero);
-    for (; i + width <= n; i += width) {
-      V pre = load(z + i);
-      if (b != nullptr) pre += load(b + i);
-      const V h = g == nullptr ? act_vec<A, V, VI>(pre) : act_vec<A, V, VI>(load(g + i)) * pre;
-      store(z + i, scale * h);
-    }
-  };
-  block(v16f{}, v16i{}, loadu16, storeu16, 16);
-  block(v8f{}, v8i{}, loadu8, storeu8, 8);
+  i = neurons_from<A, v16f>(z, b, g, scale, i, n);
+  i = neurons_from<A, v8f>(z, b, g, scale, i, n);
 #endif
-  for (; i < n; ++i) {
-    const float pre = z[i] + (b != nullptr ? b[i] : 0.0f);
-    z[i] = scale * (g == nullptr ? act<A>(pre) : act<A>(g[i]) * pre);
-  }
+  neurons_from<A, float>(z, b, g, scale, i, n);
 }
 
 // ---- the problem -------------------------------------------------------------------------------------
@@ -190,8 +151,8 @@ struct Problem {
 };
 
 // ---- register-blocked micro-kernels ----------------------------------------------------------------
-// T tokens at a time (1 to 4: an expert's last tokens are blocked too, which matters when experts get
-// a few tokens each), accumulators for T tokens x a block of columns in registers: each weight row is
+// T tokens at a time (up to kMaxTokens; an expert's last tokens are blocked too, which matters when
+// experts get a few tokens each), accumulators for T tokens x a block of columns in registers: each weight row is
 // loaded once for the T tokens, and there are enough independent accumulators to keep the FMA units
 // busy (fewer than 8 chains would wait on the FMA latency, so small blocks split the reduction in
 // two). Columns go 16 at a time (a 512-bit register where the CPU has them; the compiler splits the
@@ -334,7 +295,7 @@ void expert_tokens(const Problem& p, int64_t e, int64_t i, float* out, float* __
 template <Act A>
 void expert_pairs(const Problem& p, int64_t e, int64_t begin, int64_t end, float* out, float* scratch) {
   int64_t i = begin;
-  for (; i + 8 <= end; i += 8) expert_tokens<A, 8>(p, e, i, out, scratch);
+  for (; i + kMaxTokens <= end; i += kMaxTokens) expert_tokens<A, kMaxTokens>(p, e, i, out, scratch);
   if (i + 4 <= end) {
     expert_tokens<A, 4>(p, e, i, out, scratch);
     i += 4;
