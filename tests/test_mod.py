@@ -450,7 +450,8 @@ def test_a_routed_block_composes_with_a_converted_ffn(tiny_bert, tmp_path):
     recipe.write_text(MOE_THEN_MOD)
     out = tmp_path / "moe-mod"
     record = convert(tiny_bert, recipe=str(recipe), e2e_steps=2, out=str(out), **BUDGET)
-    assert [(r["layer"], r["target"]) for r in record["layers"]][-1] == (1, "block")
+    last = record["layers"][-1]
+    assert (last["layer"], last["target"]) == (1, "block")
     manifest = json.loads((out / "ccli.json").read_text())
     assert [u["spec"]["variant"] for u in manifest["units"]] == ["moe", "moe", "mod"]
 
